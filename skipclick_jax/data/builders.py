@@ -1,0 +1,128 @@
+"""TFDS ArrayRecord builders for the eval and train record schemas (built without TensorFlow).
+
+A dataset is built once from Python (never the `tfds` CLI) into
+`<data_dir>/skipclick_{eval,train}/<config name>/<version>/` and read back as a random-access
+`ArrayRecordDataSource`. The config name carries a digest of whatever determines the content
+(the resolved root folder, the split, the synthetic config), so a different root gets its own
+build. Examples are written in generation order (shuffling disabled), so record i has index i.
+
+Eval record (one per evaluated instance): 'index' int64, 'id' str '<image stem>#<instance>',
+'image' the original file's bytes, 'float_image' bool (decode with PIL to float32 instead of
+cv2 to uint8), 'gt' int8 [H,W] in {0, 1, -1}.
+Train record (one per image): 'id' str, 'image' file bytes, 'layers' uint8 [H,W,L],
+'objects' int32 [K,2] rows (layer, local id), 'parents' int32 [K] (-1 = root),
+'num_instance_masks' int32 (objects with index >= it are stuff regions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pathlib
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+DEFAULT_DATA_DIR = pathlib.Path("~/.cache/skipclick_jax/tfds")
+
+_ZLIB = tfds.features.Encoding.ZLIB
+
+EVAL_FEATURES = dict(
+    index=lambda: tfds.features.Scalar(np.int64),
+    id=tfds.features.Text,
+    image=lambda: tfds.features.Tensor(shape=(), dtype=np.object_),
+    float_image=lambda: tfds.features.Scalar(np.bool_),
+    gt=lambda: tfds.features.Tensor(shape=(None, None), dtype=np.int8, encoding=_ZLIB),
+)
+TRAIN_FEATURES = dict(
+    id=tfds.features.Text,
+    image=lambda: tfds.features.Tensor(shape=(), dtype=np.object_),
+    layers=lambda: tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding=_ZLIB),
+    objects=lambda: tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+    parents=lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32),
+    num_instance_masks=lambda: tfds.features.Scalar(np.int32),
+)
+
+
+@dataclasses.dataclass(eq=False)
+class SourceConfig(tfds.core.BuilderConfig):
+    """One dataset build: `examples()` yields the records of `split` in dataset order."""
+
+    split: str = "val"
+    examples: Callable[[], Iterable[dict]] | None = None
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Writes `builder_config.examples()` as the single split `builder_config.split`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial schema."}
+    FEATURES: dict = {}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = tfds.features.FeaturesDict({k: make() for k, make in self.FEATURES.items()})
+        return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {self.builder_config.split: self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, example in enumerate(self.builder_config.examples()):
+            yield i, example
+
+
+class SkipclickEval(_Builder):
+    """Eval records (see the module docstring); 'index' is set to the position."""
+
+    FEATURES = EVAL_FEATURES
+
+    def _generate_examples(self):
+        for i, example in enumerate(self.builder_config.examples()):
+            yield i, {**example, "index": i}
+
+
+class SkipclickTrain(_Builder):
+    """Train records (see the module docstring)."""
+
+    FEATURES = TRAIN_FEATURES
+
+
+def digest(*parts: object) -> str:
+    """12 hex digits identifying `parts` (used in cache config names)."""
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
+
+
+def resolve_root(root: str | os.PathLike | None, dataset: str) -> pathlib.Path:
+    """`root` made absolute with symlinks resolved; raises if None or not a directory."""
+    if root is None:
+        raise ValueError(f"{dataset}: a dataset root folder is required")
+    path = pathlib.Path(root).expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset}: root folder {path} does not exist")
+    return path
+
+
+def build_source(
+    kind: str,
+    config_name: str,
+    split: str,
+    examples: Callable[[], Iterable[dict]],
+    data_dir: str | os.PathLike | None = None,
+):
+    """Builds (first call only) and opens one split as an `ArrayRecordDataSource`.
+
+    kind: 'eval' or 'train'. config_name: a TFDS config name unique to the content, e.g.
+    'grabcut-<digest>'. examples: called only when the build does not exist yet.
+    """
+    builder_cls = {"eval": SkipclickEval, "train": SkipclickTrain}[kind]
+    data_dir = pathlib.Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+    builder = builder_cls(
+        config=SourceConfig(name=config_name, split=split, examples=examples),
+        data_dir=str(data_dir),
+        file_format="array_record",
+    )
+    builder.download_and_prepare()
+    return builder.as_data_source(split)

@@ -1,0 +1,128 @@
+"""grain training pipeline: CocoLvis-style random sampling, augmentation and click sampling (spec §4.2-4.5).
+
+As in RITM's `ISDataset` with `epoch_len > 0`, a sample ignores its position and draws a record
+uniformly with replacement. Here every random choice of global sample `i` (record, stuff, augmentation,
+clicks) comes from `np.random.default_rng([seed, i])`, so the stream depends only on the seed: not on
+worker count, threads, or the number of processes (shard_count) that split each global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from skipclick_jax.data.augment import Augmenter
+from skipclick_jax.data.points_sampler import MultiPointSampler, select_stuff
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSample:
+    """Maps a global sample index to a training example (picklable).
+
+    Returns {'image': uint8 [S, S, 3], 'points': float32 [2N, 3], 'gt': float32 [S, S]}.
+    """
+
+    source: Any
+    seed: int
+    augmenter: Augmenter = Augmenter()
+    sampler: MultiPointSampler = MultiPointSampler()
+    stuff_prob: float = 0.30
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, index])
+        record = self.source[int(rng.integers(len(self.source)))]
+        layers, objects, parents = select_stuff(
+            record['layers'], record['objects'], record['parents'],
+            record['num_instance_masks'], self.stuff_prob, rng)
+        image, layers, objects, parents = self.augmenter(
+            record['image'], layers, objects, parents, rng)
+        points, gt = self.sampler(layers, objects, parents, rng)
+        return {'image': image, 'points': points, 'gt': gt}
+
+
+@dataclasses.dataclass(frozen=True)
+class _GlobalIndex:
+    """Per-process sample position -> global sample index (global batch = shard_count batches)."""
+
+    batch_size: int
+    shard_index: int
+    shard_count: int
+
+    def __call__(self, position: int) -> int:
+        step, offset = divmod(position, self.batch_size)
+        return (step * self.shard_count + self.shard_index) * self.batch_size + offset
+
+
+@dataclasses.dataclass(frozen=True)
+class _MapIndex:
+    sample: TrainSample
+    global_index: _GlobalIndex
+
+    def __call__(self, position: int, _) -> dict[str, np.ndarray]:
+        return self.sample(self.global_index(position))
+
+
+def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_workers: int = 0,
+                  epoch_len: int = 30000, num_epochs: int | None = None,
+                  min_object_area: int = 1000, keep_background_prob: float = 0.05,
+                  stuff_prob: float = 0.30, sampler: MultiPointSampler = MultiPointSampler(),
+                  shard_index: int = 0, shard_count: int = 1,
+                  read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+    """Training batches {'image': uint8 [B,S,S,3], 'points': float32 [B,2N,3], 'gt': float32 [B,S,S]}.
+
+    An epoch is epoch_len // (batch_size · shard_count) global batches (drop_remainder, as
+    RITM's 30000 // 32 = 937). This process yields rows [shard_index·B, (shard_index+1)·B) of each
+    global batch. The iterator's get_state()/set_state() resume the exact stream.
+
+    Args:
+      source: random-access records (len, __getitem__, picklable) as produced by
+        `load_train_source`: {'image', 'layers', 'objects', 'parents', 'num_instance_masks', ...}.
+      crop_size: S.
+      batch_size: B, per-process batch size.
+      seed: stream seed.
+      num_workers: grain worker processes (0 = in-process).
+      epoch_len: samples per epoch before dropping the remainder.
+      num_epochs: epochs to yield; None repeats forever.
+      min_object_area, keep_background_prob, stuff_prob: spec §4.2-4.3.
+      sampler: the click sampler (spec §4.4 defaults).
+      shard_index, shard_count: this process's slice of each global batch.
+      read_options: in-process reading threads/buffer; default 1 thread, 2 batches buffered.
+    """
+    if len(source) == 0:
+        raise ValueError('source must contain at least one record')
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be positive, got {batch_size}')
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f'shard_index must be in [0, shard_count={shard_count}), '
+                         f'got {shard_index}')
+    if num_workers < 0:
+        raise ValueError(f'num_workers must be >= 0, got {num_workers}')
+    steps = epoch_len // (batch_size * shard_count)
+    if steps < 1:
+        raise ValueError(f'epoch_len={epoch_len} is smaller than one global batch '
+                         f'({batch_size}·{shard_count})')
+    sample = TrainSample(
+        source=source, seed=seed, sampler=sampler, stuff_prob=stuff_prob,
+        augmenter=Augmenter(crop_size=crop_size, min_object_area=min_object_area,
+                            keep_background_prob=keep_background_prob))
+    ds = (grain.MapDataset.range(steps * batch_size)
+          .repeat(num_epochs)
+          .map_with_index(_MapIndex(sample, _GlobalIndex(batch_size, shard_index, shard_count)))
+          .batch(batch_size, drop_remainder=True)
+          .to_iter_dataset(read_options or grain.ReadOptions(num_threads=1,
+                                                              prefetch_buffer_size=2)))
+    if num_workers:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds
+
+
+def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding):
+    """Assemble this process's batch rows into global jax.Arrays laid out by sharding.
+
+    Every leaf is this process's contiguous slice of the global batch along axis 0.
+    """
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

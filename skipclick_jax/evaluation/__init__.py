@@ -1,0 +1,1 @@
+"""NoC evaluation: protocol defaults (`defaults`) and the jitted click loop (`engine`)."""

@@ -1,0 +1,328 @@
+"""SkipClick (spec §1): frozen DINOv2 taps -> fuse -> + click embedding -> EncoderStack ->
+SimpleFPN with skip connections -> SegFormer head -> bilinear (align_corners=True) to the image.
+
+The quick-response split: `encode_image` runs everything that depends only on the image (DINOv2,
+the fuse Linear, and the skip-tap half of each neck branch's first layer); `decode_clicks` runs the
+per-click rest. All arrays are NHWC / [B, N, C] float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from skipclick_jax import resize
+from skipclick_jax.model.dinov2 import DinoV2, PatchEmbed
+from skipclick_jax.model.layers import (
+    Attention, Conv, ConvTranspose, Linear, Mlp, gelu, group_norm, layer_norm, torch_uniform,
+)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
+
+Encoding = dict  # {'fused': [B,h,w,D], 'skips': tuple of 4 first-layer skip halves, or ()}
+
+
+# ----------------------------------------------------------------------------- clicks
+def disk_maps(points: jax.Array, height: int, width: int, radius: float,
+              point_denom: jax.Array | None = None) -> jax.Array:
+    """Click disks (spec §1.3 step 2): [B, 2P, 3] -> [B, H, W, 2] (positive, negative) in {0, 1}.
+
+    A pixel is in a disk if (i - y)² + (j - x)² <= r² for some click of that polarity; a slot
+    with max(y, x) < 0 is empty. With `point_denom` [B, 2] the click is at (y/den_y, x/den_x) and
+    the offsets are computed as (i·den - y)/den, the correctly rounded float32 of the exact offset,
+    which is what the original computes in float64 for its evaluation clicks.
+    """
+    b, n, _ = points.shape
+    y, x = points[..., 0], points[..., 1]
+    rows = jnp.arange(height, dtype=jnp.float32)
+    cols = jnp.arange(width, dtype=jnp.float32)
+    if point_denom is None:
+        dy = rows[None, None, :] - y[..., None]
+        dx = cols[None, None, :] - x[..., None]
+    else:
+        den_y, den_x = point_denom[:, 0, None, None], point_denom[:, 1, None, None]
+        dy = (rows[None, None, :] * den_y - y[..., None]) / den_y
+        dx = (cols[None, None, :] * den_x - x[..., None]) / den_x
+    d2 = (dy * dy)[:, :, :, None] + (dx * dx)[:, :, None, :]  # [B, 2P, H, W]
+    invalid = jnp.maximum(y, x) < 0
+    d2 = jnp.where(invalid[:, :, None, None], 1e6, d2)
+    d2 = d2.reshape(b, 2, n // 2, height, width).min(axis=2)
+    return (jnp.moveaxis(d2, 1, -1) <= radius**2).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- EncoderStack
+class StackBlock(nnx.Module):
+    """MAE/SimpleClick pre-LN block without LayerScale (xavier-uniform Linear, zero bias)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, *, rngs: nnx.Rngs):
+        kw = dict(kernel_init=jax.nn.initializers.xavier_uniform(), bias_init=jax.nn.initializers.zeros)
+        self.norm1 = layer_norm(dim, rngs)
+        self.attn = Attention(dim, heads, rngs=rngs, **kw)
+        self.norm2 = layer_norm(dim, rngs)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class EncoderStack(nnx.Module):
+    """`backbone_mix` (spec §1.5): [B, h, w, D] fused features + click embedding -> [B, h*w, D].
+
+    Its position grid (crop / patch) is resized with torch's non-antialiased bicubic (a=-0.75).
+    """
+
+    def __init__(self, *, dim: int, depth: int, heads: int, mlp_ratio: float, pos_grid: int,
+                 rngs: nnx.Rngs, **_):
+        self.pos_grid = pos_grid
+        self.pos_embed = nnx.Param(
+            jax.random.normal(rngs.params(), (1, pos_grid * pos_grid, dim)) * 0.02
+        )
+        self.blocks = nnx.List([StackBlock(dim, heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
+
+    def position_embedding(self, h: int, w: int) -> jax.Array:
+        pos = self.pos_embed[...]
+        if (h, w) == (self.pos_grid, self.pos_grid):
+            return pos
+        grid = pos.reshape(1, self.pos_grid, self.pos_grid, -1)
+        return resize.bicubic(grid, (h, w)).reshape(1, h * w, -1)
+
+    def __call__(self, fused: jax.Array, click_embed: jax.Array) -> jax.Array:
+        b, h, w, d = fused.shape
+        x = (fused + click_embed).reshape(b, h * w, d) + self.position_embedding(h, w)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- neck
+class SimpleFPN(nnx.Module):
+    """SimpleFPN with optional skip connections (spec §1.6), strides 3.5/7/14/28 for patch 14.
+
+    Branch i sees concat([X, S_i]) with S_i the i-th DINOv2 tap. Each branch's first layer is
+    linear, so it is applied as first(X, channels=:D) + [first(S_i, channels=D:) + bias], the
+    bracket being image-only (`skip_halves`, computed at encode time).
+    """
+
+    def __init__(self, *, in_dim: int, skip_dim: int, out_dims, skip_connections: bool,
+                 rngs: nnx.Rngs):
+        d = in_dim + (skip_dim if skip_connections else 0)
+        self.in_dim = in_dim
+        self.skip_connections = skip_connections
+        c4, c8, c32 = max(2 * out_dims[0], d // 2), max(out_dims[1], d // 2), max(out_dims[3], 2 * d)
+        seq = nnx.Sequential
+        self.down_4 = seq(
+            ConvTranspose(d, c4, rngs=rngs), group_norm(c4, rngs), gelu,
+            ConvTranspose(c4, c4 // 2, rngs=rngs), group_norm(c4 // 2, rngs),
+            Conv(c4 // 2, out_dims[0], 1, rngs=rngs), group_norm(out_dims[0], rngs), gelu,
+        )
+        self.down_8 = seq(
+            ConvTranspose(d, c8, rngs=rngs), group_norm(c8, rngs),
+            Conv(c8, out_dims[1], 1, rngs=rngs), group_norm(out_dims[1], rngs), gelu,
+        )
+        self.down_16 = seq(Conv(d, out_dims[2], 1, rngs=rngs), group_norm(out_dims[2], rngs), gelu)
+        self.down_32 = seq(
+            Conv(d, c32, 2, rngs=rngs), group_norm(c32, rngs),
+            Conv(c32, out_dims[3], 1, rngs=rngs), group_norm(out_dims[3], rngs), gelu,
+        )
+
+    def branches(self) -> tuple[nnx.Sequential, ...]:
+        return (self.down_4, self.down_8, self.down_16, self.down_32)
+
+    def skip_halves(self, taps: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        """Image-only part of each first layer: first(S_i, channels=D:) + bias."""
+        if not self.skip_connections:
+            return ()
+        return tuple(
+            branch.layers[0](tap, channels=slice(self.in_dim, None))
+            for branch, tap in zip(self.branches(), taps)
+        )
+
+    def __call__(self, x: jax.Array, skip_halves: tuple[jax.Array, ...]) -> list[jax.Array]:
+        """x [B, h, w, D] -> 4 maps at 4x, 2x, 1x, 1/2x the grid."""
+        outs = []
+        for i, branch in enumerate(self.branches()):
+            first, rest = branch.layers[0], branch.layers[1:]
+            if skip_halves:
+                y = first(x, channels=slice(0, self.in_dim), bias=False) + skip_halves[i]
+            else:
+                y = first(x)
+            for layer in rest:
+                y = layer(y)
+            outs.append(y)
+        return outs
+
+
+# ----------------------------------------------------------------------------- head
+class ConvModule(nnx.Module):
+    """mmcv ConvModule(1x1, bias, no norm, ReLU); kaiming_normal(fan_out, relu) init, bias 0."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+        self.conv = Conv(in_features, out_features, 1, rngs=rngs,
+                         kernel_init=jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                         bias_init=jax.nn.initializers.zeros)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(self.conv(x))
+
+
+class SegFormerHead(nnx.Module):
+    """All-MLP head (spec §1.7): 4 maps -> logits [B, h4·u, w4·u, 1] for upsample x{u}."""
+
+    def __init__(self, *, in_channels, embed_dim: int, upsample: str, dropout: float,
+                 rngs: nnx.Rngs):
+        if upsample not in UPSAMPLE_FACTOR:
+            raise ValueError(f"head.upsample must be one of {sorted(UPSAMPLE_FACTOR)}, got {upsample!r}")
+        self.upsample = upsample
+        self.dropout = dropout
+        e = embed_dim
+        self.convs = nnx.List([ConvModule(c, e, rngs=rngs) for c in in_channels])
+        self.fusion_conv = ConvModule(len(in_channels) * e, e, rngs=rngs)
+        self.up_conv1 = nnx.Sequential(
+            ConvTranspose(e, e // 2, rngs=rngs), group_norm(e // 2, rngs),
+            Conv(e // 2, e // 2, 1, rngs=rngs), group_norm(e // 2, rngs), gelu,
+        )
+        self.up_conv2 = nnx.Sequential(
+            ConvTranspose(e // 2, e // 4, rngs=rngs), group_norm(e // 4, rngs),
+            Conv(e // 4, e // 4, 1, rngs=rngs), group_norm(e // 4, rngs), gelu,
+        )
+        self.conv_seg = Conv(e // UPSAMPLE_FACTOR[upsample], 1, 1, rngs=rngs)
+
+    def __call__(self, features: list[jax.Array], dropout_rng: jax.Array | None = None) -> jax.Array:
+        size = features[0].shape[1:3]
+        ys = [resize.bilinear(conv(f), size) for conv, f in zip(self.convs, features)]
+        x = self.fusion_conv(jnp.concatenate(ys, axis=-1))
+        if self.upsample in ("x2", "x4"):
+            x = self.up_conv1(x)
+        if self.upsample == "x4":
+            x = self.up_conv2(x)
+        if dropout_rng is not None and self.dropout > 0:  # Dropout2d: whole channels per sample
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.dropout, (x.shape[0], 1, 1, x.shape[-1]))
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
+        return self.conv_seg(x)
+
+
+# ----------------------------------------------------------------------------- SkipClick
+class SkipClick(nnx.Module):
+    """The full model. See the module docstring for the data flow and the split."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        bb, st = cfg.backbone, cfg.stack
+        taps = tuple(bb.taps)
+        if cfg.neck.skip_connections and len(taps) != 4:
+            raise ValueError(f"skip_connections need 4 taps (one per neck branch), got taps={taps}")
+        if bb.patch != st.patch:
+            raise ValueError(f"backbone.patch ({bb.patch}) and stack.patch ({st.patch}) must agree")
+        if cfg.crop_size % st.patch:
+            raise ValueError(f"crop_size {cfg.crop_size} is not a multiple of the patch {st.patch}")
+        self.patch = st.patch
+        self.disk_radius = float(cfg.disk_radius)
+        self.patch_embed_coords = PatchEmbed(3, st.dim, st.patch, rngs=rngs)
+        self.feature_extractor = DinoV2(**bb, rngs=rngs)
+        self.backbone_mix = EncoderStack(**st, pos_grid=cfg.crop_size // st.patch, rngs=rngs)
+        self.neck = SimpleFPN(in_dim=st.dim, skip_dim=bb.dim, out_dims=tuple(cfg.neck.out_dims),
+                              skip_connections=cfg.neck.skip_connections, rngs=rngs)
+        self.head = SegFormerHead(in_channels=tuple(cfg.neck.out_dims), **cfg.head, rngs=rngs)
+        self.fuse = Linear(len(taps) * bb.dim, st.dim, rngs=rngs) if len(taps) > 1 else None
+        if self.fuse is None and bb.dim != st.dim:
+            raise ValueError(f"a single tap needs backbone.dim == stack.dim, got {bb.dim} != {st.dim}")
+
+    # -- image-only half ---------------------------------------------------------
+    def check_image_size(self, height: int, width: int) -> None:
+        if height % self.patch or width % self.patch:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch}; "
+                f"resize it first, e.g. to {round(height / self.patch) * self.patch}x"
+                f"{round(width / self.patch) * self.patch} (skipclick_jax.resize.bilinear_ac)"
+            )
+
+    def backbone_taps(self, images: jax.Array) -> tuple[jax.Array, ...]:
+        """images [B,H,W,3] uint8 or float in [0,1] -> DINOv2 taps, each [B, H/p, W/p, D]."""
+        self.check_image_size(*images.shape[1:3])
+        if images.dtype == jnp.uint8:
+            images = images.astype(jnp.float32) / 255.0
+        x = (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+        return self.feature_extractor(x)
+
+    def fuse_taps(self, taps: tuple[jax.Array, ...]) -> jax.Array:
+        return self.fuse(jnp.concatenate(taps, axis=-1)) if self.fuse is not None else taps[0]
+
+    def encode_image(self, images: jax.Array) -> Encoding:
+        """images [B,H,W,3] -> {'fused': [B,h,w,D], 'skips': tuple of 4 [B,·,·,C_i] or ()}."""
+        taps = self.backbone_taps(images)
+        return {"fused": self.fuse_taps(taps), "skips": self.neck.skip_halves(taps)}
+
+    # -- per-click half ------------------------------------------------------------
+    def click_embedding(self, prev_mask: jax.Array, points: jax.Array,
+                        point_denom: jax.Array | None = None) -> jax.Array:
+        """[B,H,W] previous probability, [B,2P,3] clicks -> [B, H/p, W/p, D]."""
+        h, w = prev_mask.shape[1:3]
+        disks = disk_maps(points.astype(jnp.float32), h, w, self.disk_radius, point_denom)
+        coords = jnp.concatenate([prev_mask[..., None].astype(jnp.float32), disks], axis=-1)
+        return self.patch_embed_coords(coords)
+
+    def decode_clicks(self, encoding: Encoding, prev_mask: jax.Array, points: jax.Array,
+                      point_denom: jax.Array | None = None,
+                      dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Per-click path: -> logits [B, H, W]. `dropout_rng` switches on training-mode dropout."""
+        return self._decode(encoding, prev_mask, points, point_denom, dropout_rng)["logits"]
+
+    def _decode(self, encoding, prev_mask, points, point_denom=None, dropout_rng=None) -> dict:
+        fused = encoding["fused"]
+        b, h, w, d = fused.shape
+        if prev_mask.shape[1:3] != (h * self.patch, w * self.patch):
+            raise ValueError(f"prev_mask {prev_mask.shape} does not match the encoded image "
+                             f"({h * self.patch}x{w * self.patch})")
+        click_embed = self.click_embedding(prev_mask, points, point_denom)
+        x = self.backbone_mix(fused, click_embed)
+        pyramid = self.neck(x.reshape(b, h, w, d), encoding["skips"])
+        head_logits = self.head(pyramid, dropout_rng)
+        logits = resize.bilinear_ac(head_logits, prev_mask.shape[1:3])[..., 0]
+        return dict(fused=fused, click_embed=click_embed, encoder_out=x, pyramid=pyramid,
+                    head_logits=head_logits, logits=logits)
+
+    def __call__(self, images: jax.Array, prev_mask: jax.Array, points: jax.Array,
+                 point_denom: jax.Array | None = None,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The unsplit forward: concatenated taps go through each neck branch's full first layer."""
+        return self.stages(images, prev_mask, points, point_denom, dropout_rng)["logits"]
+
+    def stages(self, images, prev_mask, points, point_denom=None, dropout_rng=None) -> dict:
+        """Every named stage of the unsplit forward (see `forward_stages`)."""
+        taps = self.backbone_taps(images)
+        fused = self.fuse_taps(taps)
+        b, h, w, d = fused.shape
+        click_embed = self.click_embedding(prev_mask, points, point_denom)
+        x = self.backbone_mix(fused, click_embed)
+        grid = x.reshape(b, h, w, d)
+        pyramid = []
+        for branch, tap in zip(self.neck.branches(), taps):
+            y = jnp.concatenate([grid, tap], axis=-1) if self.neck.skip_connections else grid
+            pyramid.append(branch(y))
+        head_logits = self.head(pyramid, dropout_rng)
+        logits = resize.bilinear_ac(head_logits, prev_mask.shape[1:3])[..., 0]
+        tokens = lambda t: t.reshape(b, h * w, -1)  # noqa: E731
+        return {
+            **{f"taps_{i}": tokens(t) for i, t in enumerate(taps)},
+            "fused": tokens(fused), "click_embed": tokens(click_embed), "encoder_out": x,
+            **{f"pyramid_{i}": p for i, p in enumerate(pyramid)},
+            "head_logits": head_logits, "logits": logits,
+        }
+
+
+def forward_stages(model: SkipClick, images, prev_mask, points, point_denom=None) -> dict:
+    """Named stages for parity work (JAX layout):
+    taps_0..3 [B,N,C] (patch tokens, row-major grid), fused [B,N,D], click_embed [B,N,D],
+    encoder_out [B,N,D], pyramid_0..3 [B,H_i,W_i,C_i], head_logits [B,h4·u,w4·u,1], logits [B,H,W].
+    Single-tap configs have one tap (taps_0)."""
+    return model.stages(images, prev_mask, points, point_denom)
+
+
+def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> SkipClick:
+    """A freshly initialised SkipClick (spec §3 initialisation) for the `model` config section."""
+    return SkipClick(cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,71 @@
+"""Training recipe (spec §4): the `train` and `data` sections of an experiment config."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+    """The paper's recipe: Adam 5e-5, x0.1 at epoch 50, 55 epochs of 30000 // 32 = 937 steps.
+
+    `num_steps` < 0 means `num_epochs * (data.epoch_len // batch_size)` (drop_last). Mesh axes
+    of size -1 take all remaining devices. `*_every_steps` <= 0 disables that action.
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            batch_size=32,
+            num_epochs=55,
+            num_steps=-1,
+            optimizer=dict(lr=5e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
+            lr_milestones=(50,),  # epochs after which lr *= lr_gamma (MultiStepLR)
+            lr_gamma=0.1,
+            loss=dict(alpha=0.5, gamma=2.0, eps=1e-12),
+            max_num_next_clicks=3,  # simulated clicks per batch ~ U{0..max}
+            pred_thresh=0.49,
+            mesh=dict(data=-1, fsdp=1),
+            distributed=False,  # call jax.distributed.initialize() (multi-host)
+            checkpoint_every_steps=937,
+            keep_checkpoints=3,
+            log_every_steps=50,
+            image_summary_every_steps=1000,
+            num_image_summaries=4,
+            eval_untrained=False,  # also evaluate the initial model before training
+        )
+    )
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+    """COCO+LVIS with RITM's augmentation and MultiPointSampler (spec §4.2-§4.5).
+
+    `eval_datasets` are evaluated (NoC) after training; `eval_roots` maps a name to its root.
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            train_datasets=("COCO+LVIS",),
+            root="",
+            data_dir="",  # TFDS / cache directory ("" = the loader's default)
+            split="train",
+            crop_size=448,
+            epoch_len=30000,
+            num_workers=4,
+            stuff_prob=0.3,
+            min_object_area=1000,
+            keep_background_prob=0.05,
+            points=dict(
+                max_num_points=24,
+                prob_gamma=0.8,
+                merge_objects_prob=0.15,
+                max_num_merged_objects=2,
+                expand_ratio=0.1,
+                positive_erode_prob=0.9,
+                positive_erode_iters=3,
+                negative_bg_prob=0.1,
+                negative_other_prob=0.4,
+                negative_border_prob=0.5,
+            ),
+            eval_datasets=("GrabCut", "Berkeley", "SBD", "DAVIS", "HQSeg44k"),
+            eval_roots={},
+            eval_split="test",
+        )
+    )

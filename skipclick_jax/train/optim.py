@@ -1,0 +1,29 @@
+"""Optimizer and learning-rate schedule (spec §4.8)."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+    """MultiStepLR stepped per epoch: lr * gamma^(number of milestones passed), in steps."""
+    boundaries = {int(m) * steps_per_epoch: cfg.lr_gamma for m in cfg.lr_milestones}
+    return optax.piecewise_constant_schedule(cfg.optimizer.lr, boundaries)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
+    """torch.optim.Adam (L2 weight decay added to the gradient, as torch does) under `lr_schedule`.
+
+    Args:
+      cfg: the `train` config section.
+      steps_per_epoch: optimizer steps per epoch (epoch_len // batch_size).
+    Returns:
+      (tx, schedule).
+    """
+    o = cfg.optimizer
+    schedule = lr_schedule(cfg, steps_per_epoch)
+    tx = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+    if o.weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(o.weight_decay), tx)
+    return tx, schedule

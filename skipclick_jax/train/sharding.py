@@ -1,0 +1,61 @@
+"""Device mesh ('data', 'fsdp') and the shardings of the batch and the training state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_SPEC = P(AXES)  # the leading (batch) dimension is split over both axes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
+    """A ('data', 'fsdp') mesh over all devices; one size may be -1 (all remaining devices)."""
+    n = jax.device_count()
+    if data == -1 and fsdp == -1:
+        raise ValueError("train.mesh: only one of data, fsdp may be -1")
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data * fsdp != n or data < 1 or fsdp < 1:
+        raise ValueError(f"train.mesh: data={data} x fsdp={fsdp} does not tile {n} devices")
+    return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    """Replicated, or (fsdp > 1) split along the largest dimension divisible by `fsdp`."""
+    if fsdp > 1:
+        for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[d] % fsdp == 0:
+                return P(*[("fsdp" if i == d else None) for i in range(len(shape))])
+    return P()
+
+
+def param_shardings(mesh: jax.sharding.Mesh, tree: Any) -> Any:
+    """NamedShardings for a pytree of arrays (params or optimizer state) by `param_spec`."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+
+
+def state_shardings(mesh: jax.sharding.Mesh, state: Any) -> Any:
+    """Shardings of a TrainState: params and opt_state by `param_spec`, step and rng replicated."""
+    replicated = NamedSharding(mesh, P())
+    return state.replace(
+        step=replicated,
+        params=param_shardings(mesh, state.params),
+        opt_state=param_shardings(mesh, state.opt_state),
+        rng=replicated,
+    )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's part of the batch ([B / process_count, ...] each) -> global sharded arrays."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,117 @@
+"""The jitted training step: iterative click simulation (spec §4.6), NFL loss (§4.7), Adam update."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from skipclick_jax.clicks import train_next_points
+from skipclick_jax.train.loss import binary_iou, normalized_focal_loss
+from skipclick_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]  # image uint8 [B,S,S,3], points float32 [B,2P,3], gt float32 [B,S,S]
+
+
+def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(num_clicks key, click-sampling key, dropout key) of the current step."""
+    key = jax.random.fold_in(state.rng, state.step)
+    return tuple(jax.random.split(key, 3))
+
+
+def simulate_clicks(
+    graphdef: nnx.GraphDef,
+    params: dict[str, Any],
+    frozen: dict[str, Any],
+    enc: Any,
+    batch: Batch,
+    num_clicks: jax.Array,
+    key: jax.Array,
+    thresh: float,
+) -> tuple[jax.Array, jax.Array]:
+    """`num_clicks` (traced, 0..max) eval-mode rounds of predict -> sigmoid -> next training click.
+
+    No gradient flows through the simulation. Returns (prev_mask float32 [B,S,S], points [B,2P,3]).
+    """
+    params, frozen, enc = jax.lax.stop_gradient((params, frozen, enc))
+
+    def round_(i, carry):
+        prev, points = carry
+        model = nnx.merge(graphdef, params, frozen)
+        prev = jax.nn.sigmoid(model.decode_clicks(enc, prev, points, dropout_rng=None))
+        points = train_next_points(jax.random.fold_in(key, i), prev, batch["gt"], points, i + 1, thresh)
+        return prev, points
+
+    prev = jnp.zeros(batch["gt"].shape, jnp.float32)
+    return jax.lax.fori_loop(0, num_clicks, round_, (prev, batch["points"]))
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    max_num_next_clicks: int = 3,
+    pred_thresh: float = 0.49,
+    alpha: float = 0.5,
+    gamma: float = 2.0,
+    eps: float = 1e-12,
+) -> Callable[[TrainState, dict[str, Any], Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns the pure step (state, frozen, batch) -> (state, metrics) to be wrapped in jax.jit.
+
+    The image is encoded once per step (with gradients, so an unfrozen backbone trains); the
+    simulation reuses it under stop_gradient, then a train-mode forward (Dropout2d) gives the loss.
+    metrics: float32 scalars loss, iou (prediction at `pred_thresh`), grad_norm, lr, num_clicks.
+    """
+
+    def train_step(state: TrainState, frozen: dict[str, Any], batch: Batch):
+        k_num, k_click, k_drop = step_keys(state)
+        num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, frozen)
+            enc = model.encode_image(batch["image"])
+            prev, points = simulate_clicks(
+                graphdef, params, frozen, enc, batch, num_clicks, k_click, pred_thresh
+            )
+            logits = model.decode_clicks(enc, prev, points, dropout_rng=k_drop)
+            loss = normalized_focal_loss(logits, batch["gt"], alpha=alpha, gamma=gamma, eps=eps)
+            return loss.mean(), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(
+            loss=loss,
+            iou=binary_iou(jax.nn.sigmoid(logits), batch["gt"], pred_thresh).mean(),
+            grad_norm=optax.global_norm(grads),
+            lr=jnp.asarray(schedule(state.step), jnp.float32),
+            num_clicks=num_clicks.astype(jnp.float32),
+        )
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_preview_fn(
+    graphdef: nnx.GraphDef, *, max_num_next_clicks: int = 3, pred_thresh: float = 0.49
+) -> Callable[[TrainState, dict[str, Any], Batch], tuple[jax.Array, jax.Array]]:
+    """(state, frozen, batch) -> (prob [B,S,S], points [B,2P,3]): the current step's simulated
+    clicks and the eval-mode prediction on them (for image summaries; same keys as the step)."""
+
+    def preview(state: TrainState, frozen: dict[str, Any], batch: Batch):
+        k_num, k_click, _ = step_keys(state)
+        num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
+        model = nnx.merge(graphdef, state.params, frozen)
+        enc = model.encode_image(batch["image"])
+        prev, points = simulate_clicks(
+            graphdef, state.params, frozen, enc, batch, num_clicks, k_click, pred_thresh
+        )
+        prob = jax.nn.sigmoid(model.decode_clicks(enc, prev, points, dropout_rng=None))
+        return prob, points
+
+    return preview
