@@ -31,6 +31,15 @@ STAGE_NAMES_FIXED = (
 UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
 
 
+def timm_dinov2(*, dim, depth, heads, patch, num_registers, pos_grid, mlp_ratio, **_):
+    """timm `VisionTransformer` in the `vit_*_patch14_reg4_dinov2` layout for these dims."""
+    return VisionTransformer(
+        img_size=pos_grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+        mlp_ratio=mlp_ratio, qkv_bias=True, init_values=1.0, reg_tokens=num_registers,
+        no_embed_class=True, dynamic_img_size=True, num_classes=0,
+    )
+
+
 class Dinov2Reg(nn.Module):
     """DINOv2 ViT with registers: hub-format parameters, timm `VisionTransformer` compute.
 
@@ -46,11 +55,8 @@ class Dinov2Reg(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        vit = VisionTransformer(
-            img_size=pos_grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
-            num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=1.0,
-            reg_tokens=num_registers, no_embed_class=True, dynamic_img_size=True, num_classes=0,
-        )
+        vit = timm_dinov2(dim=dim, depth=depth, heads=heads, patch=patch,
+                          num_registers=num_registers, pos_grid=pos_grid, mlp_ratio=mlp_ratio)
         for name in ("cls_token", "reg_token", "pos_embed"):
             delattr(vit, name)
         self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
@@ -154,10 +160,10 @@ class EncoderStack(nn.Module):
 class SimpleFPN(nn.Module):
     """SimpleClick's SimpleFPN; with skips branch i sees cat([X, S_i]) (spec §1.6)."""
 
-    def __init__(self, in_dim: int, out_dims, skip_connections: bool):
+    def __init__(self, in_dim: int, skip_dim: int, out_dims, skip_connections: bool):
         super().__init__()
         self.skip_connections = skip_connections
-        d = 2 * in_dim if skip_connections else in_dim
+        d = in_dim + skip_dim if skip_connections else in_dim
         c4, c8, c32 = max(2 * out_dims[0], d // 2), max(out_dims[1], d // 2), max(out_dims[3], 2 * d)
         self.down_4 = nn.Sequential(
             nn.ConvTranspose2d(d, c4, 2, stride=2), nn.GroupNorm(1, c4), nn.GELU(),
@@ -260,7 +266,7 @@ class SkipClickTorch(nn.Module):
         self.patch_embed_coords = PatchEmbed(3, st.dim, st.patch)
         self.feature_extractor = FeatureExtractor(dict(bb))
         self.backbone_mix = EncoderStack(**dict(st), grid=cfg.crop_size // st.patch)
-        self.neck = SimpleFPN(st.dim, tuple(nk.out_dims), nk.skip_connections)
+        self.neck = SimpleFPN(st.dim, bb.dim, tuple(nk.out_dims), nk.skip_connections)
         self.head = SegHead(tuple(nk.out_dims), hd.embed_dim, hd.upsample, hd.dropout)
         self.fuse = nn.Linear(len(self.taps) * bb.dim, st.dim) if len(self.taps) > 1 else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -301,7 +307,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Fills every parameter with O(1)-activation random values (norms and LayerScale included).
 
     Weights ~ N(0, 1/fan_in) (ConvTranspose2d: fan_in = C_in), biases and norm shifts ~ N(0, 0.1²),
-    norm scales ~ 1 + N(0, 0.1²), LayerScale gammas ~ U(0.2, 0.8), tokens/position embeddings
+    norm scales ~ 1 + N(0, 0.1²), LayerScale gammas ~ U(0.1, 0.5), tokens/position embeddings
     ~ N(0, 0.5²). So no block is near the identity.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -311,7 +317,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
                 normal(p, 0.1, 1.0 if name == "weight" else 0.0)
             elif name == "gamma":
-                p.copy_(torch.rand(p.shape, generator=gen) * 0.6 + 0.2)
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.4 + 0.1)
             elif name == "bias":
                 normal(p, 0.1)
             elif name == "weight":

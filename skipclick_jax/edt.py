@@ -48,6 +48,8 @@ def edt_squared(mask: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     # Row pass: columns -1 and W are the zero ring; all D <= ((W + 1) / 2)^2, so offsets stay < pad.
     cols = lax.broadcasted_iota(jnp.int32, fg.shape, fg.ndim - 1)
     d0 = jnp.minimum(f, jnp.minimum((cols + 1) ** 2, (w - cols) ** 2))
+    if fg.size == 0:
+        return d0
     pad = w // 2 + _UNROLL + 1
     fpad = jnp.pad(f, [(0, 0)] * (fg.ndim - 1) + [(pad, pad)], constant_values=_BIG)
     zeros = (0,) * (fg.ndim - 1)
@@ -66,8 +68,6 @@ def edt_squared(mask: jax.Array, valid: jax.Array | None = None) -> jax.Array:
             dist = jnp.minimum(dist, jnp.minimum(shifted(off), shifted(-off)) + off * off)
         return d + _UNROLL, dist
 
-    if fg.size == 0:
-        return d0
     _, dist = lax.while_loop(cond, body, (jnp.int32(0), d0))
     return dist
 

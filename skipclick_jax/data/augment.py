@@ -1,7 +1,7 @@
 """Training augmentation and object filtering (spec §4.3).
 
-The geometric and photometric chain is RITM's albumentations `Compose`, re-implemented with cv2/NumPy
-so that uint8 results match albumentations for the same random parameters:
+The geometric and photometric chain is RITM's albumentations `Compose`, re-implemented with
+cv2/NumPy so that uint8 results match albumentations for the same random parameters:
 
   1. UniformRandomResize(0.75, 1.40): size round(H·s) × round(W·s); image INTER_LINEAR, layers
      INTER_NEAREST.
@@ -12,8 +12,9 @@ so that uint8 results match albumentations for the same random parameters:
      LUT = uint8(clip(float32(x)·(1 + c) + b·255, 0, 255))  (truncation, brightness_by_max).
   6. RGBShift(10, 10, 10, p=0.75): LUT_ch = uint8(clip(float32(x) + shift_ch, 0, 255)).
 
-Steps 3 and 4 are fused into one copy and steps 5 and 6 into one composed per-channel LUT; both
-fusions are exact. All randomness comes from the `np.random.Generator` passed in.
+Steps 2-4 are fused into one copy of the (mirrored) crop window followed by a flip of the crop,
+and steps 5-6 into one composed per-channel LUT; both fusions are exact. All randomness comes from
+the `np.random.Generator` passed in.
 
 Objects are rows (layer_idx, local_id) of an int32 [K, 2] table with a parent index per object
 (-1 for roots): object k's mask is `layers[..., objects[k, 0]] == objects[k, 1]`.
@@ -33,9 +34,9 @@ def brightness_contrast_lut(alpha: float, beta: float) -> np.ndarray:
     """albumentations' uint8 brightness/contrast LUT [256] uint8 for x·alpha + beta·255."""
     lut = np.arange(_U8, dtype=np.float32)
     if alpha != 1:
-        lut *= alpha
+        lut *= np.float32(alpha)
     if beta != 0:
-        lut += beta * 255
+        lut += np.float32(beta * 255)
     return np.clip(lut, 0, 255).astype(np.uint8)
 
 
@@ -45,14 +46,15 @@ def rgb_shift_lut(shifts: np.ndarray) -> np.ndarray:
     return np.clip(lut, 0, 255).astype(np.uint8)
 
 
-def _pad_crop(x: np.ndarray, size: int, top: int, left: int) -> np.ndarray:
-    """Window [top, top+size) × [left, left+size) of x [H, W, C], zero outside x -> [size, size, C]."""
+def _pad_crop(x: np.ndarray, size: int, top: int, left: int, flip: bool) -> np.ndarray:
+    """Window [top, top+size) × [left, left+size) of x [H, W, C], zero outside, optionally
+    mirrored left-right -> [size, size, C]."""
     h, w = x.shape[:2]
     out = np.zeros((size, size) + x.shape[2:], x.dtype)
     r0, r1 = max(top, 0), min(top + size, h)
     c0, c1 = max(left, 0), min(left + size, w)
     out[r0 - top:r1 - top, c0 - left:c1 - left] = x[r0:r1, c0:c1]
-    return out
+    return cv2.flip(out, 1).reshape(out.shape) if flip else out
 
 
 def _resize(x: np.ndarray, height: int, width: int, interpolation: int) -> np.ndarray:
@@ -64,10 +66,12 @@ def _resize(x: np.ndarray, height: int, width: int, interpolation: int) -> np.nd
 
 
 def object_areas(layers: np.ndarray, objects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer label histogram int64 [L, 256] and object areas int64 [K] of layers [H, W, L]."""
-    num_layers = layers.shape[2]
-    keys = layers.astype(np.int32) + _U8 * np.arange(num_layers, dtype=np.int32)
-    hist = np.bincount(keys.ravel(), minlength=_U8 * num_layers).reshape(num_layers, _U8)
+    """Per-layer label histogram int64 [L, 256] and object areas int64 [K] of layers [H, W, L].
+
+    cv2.calcHist counts in float32, exact below 2^24 pixels per label.
+    """
+    hist = np.stack([cv2.calcHist([layers], [l], None, [_U8], [0, _U8]).ravel()
+                     for l in range(layers.shape[2])]).astype(np.int64)
     return hist, hist[objects[:, 0], objects[:, 1]]
 
 
@@ -82,8 +86,8 @@ def clear_unowned_labels(layers: np.ndarray, objects: np.ndarray,
     owned[objects[:, 0], objects[:, 1]] = True
     if not hist[~owned].any():
         return layers
-    keep = owned[np.arange(layers.shape[2]), layers]
-    return layers * keep
+    lut = np.where(owned, np.arange(_U8, dtype=np.uint8), np.uint8(0)).T
+    return cv2.LUT(layers, np.ascontiguousarray(lut[:, None])).reshape(layers.shape)
 
 
 def drop_objects(objects: np.ndarray, parents: np.ndarray,
@@ -110,7 +114,7 @@ class Augmenter:
     Attributes:
       crop_size: S, the output side (448 for SkipClick).
       min_object_area: objects below this many pixels are removed after augmentation.
-      keep_background_prob: probability of keeping an augmentation that leaves no object.
+      keep_background_prob: probability of keeping an augmentation that leaves no object (> 0).
     """
 
     crop_size: int = 448
@@ -129,6 +133,9 @@ class Augmenter:
             raise ValueError(f'crop_size must be positive, got {self.crop_size}')
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f'scale_range must satisfy 0 < low <= high, got {self.scale_range}')
+        if not 0 < self.keep_background_prob <= 1:
+            raise ValueError('keep_background_prob must be in (0, 1] (0 can retry forever), '
+                             f'got {self.keep_background_prob}')
 
     def transform(self, image: np.ndarray, layers: np.ndarray,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -138,14 +145,15 @@ class Augmenter:
         h, w = round(h * scale), round(w * scale)
         image = _resize(image, h, w, cv2.INTER_LINEAR)
         layers = _resize(layers, h, w, cv2.INTER_NEAREST)
-        if rng.random() < self.flip_prob:
-            image, layers = image[:, ::-1], layers[:, ::-1]
+        flip = rng.random() < self.flip_prob
         size = self.crop_size
         hp, wp = max(h, size), max(w, size)
         top = int((hp - size + 1) * rng.random()) - (hp - h) // 2
         left = int((wp - size + 1) * rng.random()) - (wp - w) // 2
-        image = _pad_crop(image, size, top, left)
-        layers = _pad_crop(layers, size, top, left)
+        if flip:
+            left = w - size - left
+        image = _pad_crop(image, size, top, left, flip)
+        layers = _pad_crop(layers, size, top, left, flip)
         lut = np.broadcast_to(np.arange(_U8, dtype=np.uint8)[:, None], (_U8, 3))
         if rng.random() < self.brightness_contrast_prob:
             alpha = 1.0 + rng.uniform(*self.contrast_limit)
@@ -164,7 +172,8 @@ class Augmenter:
         Repeats `transform` from the original until an object keeps >= 1 px, or, with probability
         keep_background_prob, accepts an object-less result; only then drops objects below
         min_object_area (so background-only samples also arise from tiny objects, spec §8.19).
-        Layer labels not owned by an input object are zeroed; dropped objects stay in the layers.
+        Layer labels not owned by an input object are zeroed (this is how unselected stuff
+        regions leave the layers); dropped objects stay in the layers.
 
         Args:
           image: uint8 [H, W, 3] RGB.
@@ -174,7 +183,8 @@ class Augmenter:
           rng: source of all randomness.
 
         Returns:
-          (image uint8 [S, S, 3], layers uint8 [S, S, L], objects int32 [K', 2], parents int32 [K']).
+          (image uint8 [S, S, 3], layers uint8 [S, S, L], objects int32 [K', 2],
+          parents int32 [K']).
         """
         objects = np.asarray(objects, np.int32).reshape(-1, 2)
         parents = np.asarray(parents, np.int32).reshape(-1)

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -29,21 +30,10 @@ DEFAULT_DATA_DIR = pathlib.Path("~/.cache/skipclick_jax/tfds")
 
 _ZLIB = tfds.features.Encoding.ZLIB
 
-EVAL_FEATURES = dict(
-    index=lambda: tfds.features.Scalar(np.int64),
-    id=tfds.features.Text,
-    image=lambda: tfds.features.Tensor(shape=(), dtype=np.object_),
-    float_image=lambda: tfds.features.Scalar(np.bool_),
-    gt=lambda: tfds.features.Tensor(shape=(None, None), dtype=np.int8, encoding=_ZLIB),
-)
-TRAIN_FEATURES = dict(
-    id=tfds.features.Text,
-    image=lambda: tfds.features.Tensor(shape=(), dtype=np.object_),
-    layers=lambda: tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding=_ZLIB),
-    objects=lambda: tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
-    parents=lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32),
-    num_instance_masks=lambda: tfds.features.Scalar(np.int32),
-)
+
+def _raw_bytes():
+    """Feature of one variable-length bytes string (an encoded image file, stored as is)."""
+    return tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,7 +41,7 @@ class SourceConfig(tfds.core.BuilderConfig):
     """One dataset build: `examples()` yields the records of `split` in dataset order."""
 
     split: str = "val"
-    examples: Callable[[], Iterable[dict]] | None = None
+    examples: Callable[[], Iterable[dict]] | None = dataclasses.field(default=None, repr=False)
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -59,10 +49,26 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial schema."}
-    FEATURES: dict = {}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> None:
+        """No code folder: these builders download nothing, so TFDS needs no checksums file
+        beside the code (and its lookup would import the uninstalled `importlib_resources`)."""
+        return None
+
+    def _create_builder_config(self, builder_config, version):
+        """Accepts the `SourceConfig` as given (TFDS would warn that it is not predefined)."""
+        del version
+        if not isinstance(builder_config, SourceConfig):
+            raise TypeError(f"{type(self).__name__} needs a SourceConfig, got {builder_config!r}")
+        return builder_config
+
+    def _features(self) -> dict:
+        raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = tfds.features.FeaturesDict({k: make() for k, make in self.FEATURES.items()})
+        features = tfds.features.FeaturesDict(self._features())
         return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
@@ -77,7 +83,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class SkipclickEval(_Builder):
     """Eval records (see the module docstring); 'index' is set to the position."""
 
-    FEATURES = EVAL_FEATURES
+    def _features(self) -> dict:
+        return {
+            "index": tfds.features.Scalar(np.int64),
+            "id": tfds.features.Text(),
+            "image": _raw_bytes(),
+            "float_image": tfds.features.Scalar(np.bool_),
+            "gt": tfds.features.Tensor(shape=(None, None), dtype=np.int8, encoding=_ZLIB),
+        }
 
     def _generate_examples(self):
         for i, example in enumerate(self.builder_config.examples()):
@@ -87,22 +100,29 @@ class SkipclickEval(_Builder):
 class SkipclickTrain(_Builder):
     """Train records (see the module docstring)."""
 
-    FEATURES = TRAIN_FEATURES
+    def _features(self) -> dict:
+        return {
+            "id": tfds.features.Text(),
+            "image": _raw_bytes(),
+            "layers": tfds.features.Tensor(shape=(None, None, None), dtype=np.uint8, encoding=_ZLIB),
+            "objects": tfds.features.Tensor(shape=(None, 2), dtype=np.int32),
+            "parents": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "num_instance_masks": tfds.features.Scalar(np.int32),
+        }
 
 
-def digest(*parts: object) -> str:
-    """12 hex digits identifying `parts` (used in cache config names)."""
-    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
+def config_name(name: str, split: str, *key: object) -> str:
+    """TFDS config name '<name as [a-z0-9_]>-<split>-<12 hex digits of (name, split, *key)>'."""
+    digest = hashlib.sha1(repr((name, split, *key)).encode()).hexdigest()[:12]
+    return f"{re.sub('[^a-z0-9_]', '', name.lower())}-{split}-{digest}"
 
 
 def resolve_root(root: str | os.PathLike | None, dataset: str) -> pathlib.Path:
-    """`root` made absolute with symlinks resolved; raises if None or not a directory."""
+    """`root` made absolute with symlinks resolved (the cache key; the folder is only read when
+    the dataset is not built yet)."""
     if root is None:
         raise ValueError(f"{dataset}: a dataset root folder is required")
-    path = pathlib.Path(root).expanduser().resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{dataset}: root folder {path} does not exist")
-    return path
+    return pathlib.Path(root).expanduser().resolve()
 
 
 def build_source(
@@ -114,11 +134,12 @@ def build_source(
 ):
     """Builds (first call only) and opens one split as an `ArrayRecordDataSource`.
 
-    kind: 'eval' or 'train'. config_name: a TFDS config name unique to the content, e.g.
-    'grabcut-<digest>'. examples: called only when the build does not exist yet.
+    data_dir None or '' means `DEFAULT_DATA_DIR`.
+    kind: 'eval' or 'train'. config_name: unique to the content (see `config_name`).
+    examples: called only when the build does not exist yet.
     """
     builder_cls = {"eval": SkipclickEval, "train": SkipclickTrain}[kind]
-    data_dir = pathlib.Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+    data_dir = pathlib.Path(data_dir or DEFAULT_DATA_DIR).expanduser()
     builder = builder_cls(
         config=SourceConfig(name=config_name, split=split, examples=examples),
         data_dir=str(data_dir),

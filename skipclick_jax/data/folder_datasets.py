@@ -34,10 +34,18 @@ HQSEG_SUBSETS = {
         ("HRSOD", "thin_object_detection/HRSOD/images", "thin_object_detection/HRSOD/masks_max255"),
     ),
 }
+SBD_LAYOUT = "<root>/{split}.txt listing names, <root>/img/<name>.jpg and <root>/inst/<name>.mat"
 
 
 class LayoutError(FileNotFoundError):
     """A dataset folder does not have the expected layout."""
+
+
+def folder_examples(generate, root: pathlib.Path, dataset: str, *args):
+    """Yields `generate(root, *args)` after checking that the dataset root folder exists."""
+    if not root.is_dir():
+        raise LayoutError(f"{dataset}: dataset root folder {root} does not exist")
+    yield from generate(root, *args)
 
 
 def require_dir(path: pathlib.Path, dataset: str, layout: str) -> pathlib.Path:
@@ -80,13 +88,10 @@ def pair_images_masks(
         pairs.append((image, mask))
     if masks:
         raise LayoutError(
-            f"{dataset}: mask {next(iter(masks.values()))} has no image in {image_dir} (expected {layout})"
+            f"{dataset}: mask {next(iter(masks.values()))} has no image in {image_dir} "
+            f"(expected {layout})"
         )
     return pairs
-
-
-def read_bytes(path: pathlib.Path) -> bytes:
-    return pathlib.Path(path).read_bytes()
 
 
 def cv2_decode(data: bytes | np.ndarray, what: object, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
@@ -130,7 +135,8 @@ def cv2_image_hw(data: bytes, what: object) -> tuple[int, int]:
 def check_same_hw(mask_hw: tuple[int, ...], image_hw: tuple[int, ...], mask_what, image_what) -> None:
     if tuple(mask_hw[:2]) != tuple(image_hw[:2]):
         raise ValueError(
-            f"mask {mask_what} has size {tuple(mask_hw[:2])} but image {image_what} has {tuple(image_hw[:2])}"
+            f"mask {mask_what} has size {tuple(mask_hw[:2])} but image {image_what} has "
+            f"{tuple(image_hw[:2])}"
         )
 
 
@@ -147,9 +153,6 @@ def read_sbd_list(root: pathlib.Path, split: str, dataset: str) -> list[str]:
     """Image names of `<root>/<split>.txt` in file order (blank lines skipped)."""
     path = require_file(root / f"{split}.txt", dataset, SBD_LAYOUT.format(split=split))
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-SBD_LAYOUT = "<root>/{split}.txt listing names, <root>/img/<name>.jpg and <root>/inst/<name>.mat"
 
 
 class _ContainerUnpickler(pickle.Unpickler):

@@ -1,9 +1,10 @@
-"""grain training pipeline: CocoLvis-style random sampling, augmentation and click sampling (spec §4.2-4.5).
+"""grain training pipeline: random record choice, augmentation, click sampling (spec §4.2-4.5).
 
 As in RITM's `ISDataset` with `epoch_len > 0`, a sample ignores its position and draws a record
-uniformly with replacement. Here every random choice of global sample `i` (record, stuff, augmentation,
-clicks) comes from `np.random.default_rng([seed, i])`, so the stream depends only on the seed: not on
-worker count, threads, or the number of processes (shard_count) that split each global batch.
+uniformly with replacement. Here every random choice of global sample `i` (record, stuff,
+augmentation, clicks) comes from `np.random.default_rng([seed, i])`, so the stream depends only on
+the seed: not on worker count, threads, or the number of processes (shard_count) that split each
+global batch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
 from skipclick_jax.data.augment import Augmenter
@@ -35,35 +37,27 @@ class TrainSample:
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, index])
         record = self.source[int(rng.integers(len(self.source)))]
-        layers, objects, parents = select_stuff(
-            record['layers'], record['objects'], record['parents'],
-            record['num_instance_masks'], self.stuff_prob, rng)
+        objects, parents = select_stuff(record['objects'], record['parents'],
+                                        record['num_instance_masks'], self.stuff_prob, rng)
         image, layers, objects, parents = self.augmenter(
-            record['image'], layers, objects, parents, rng)
+            record['image'], record['layers'], objects, parents, rng)
         points, gt = self.sampler(layers, objects, parents, rng)
         return {'image': image, 'points': points, 'gt': gt}
 
 
 @dataclasses.dataclass(frozen=True)
-class _GlobalIndex:
-    """Per-process sample position -> global sample index (global batch = shard_count batches)."""
+class _ShardSample:
+    """This process's sample `position` -> TrainSample of its global index, where global batch t
+    is the concatenation of every shard's batch t."""
 
+    sample: TrainSample
     batch_size: int
     shard_index: int
     shard_count: int
 
-    def __call__(self, position: int) -> int:
-        step, offset = divmod(position, self.batch_size)
-        return (step * self.shard_count + self.shard_index) * self.batch_size + offset
-
-
-@dataclasses.dataclass(frozen=True)
-class _MapIndex:
-    sample: TrainSample
-    global_index: _GlobalIndex
-
     def __call__(self, position: int, _) -> dict[str, np.ndarray]:
-        return self.sample(self.global_index(position))
+        step, offset = divmod(position, self.batch_size)
+        return self.sample((step * self.shard_count + self.shard_index) * self.batch_size + offset)
 
 
 def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_workers: int = 0,
@@ -72,7 +66,7 @@ def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_wor
                   stuff_prob: float = 0.30, sampler: MultiPointSampler = MultiPointSampler(),
                   shard_index: int = 0, shard_count: int = 1,
                   read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-    """Training batches {'image': uint8 [B,S,S,3], 'points': float32 [B,2N,3], 'gt': float32 [B,S,S]}.
+    """Batches {'image': uint8 [B,S,S,3], 'points': float32 [B,2N,3], 'gt': float32 [B,S,S]}.
 
     An epoch is epoch_len // (batch_size · shard_count) global batches (drop_remainder, as
     RITM's 30000 // 32 = 937). This process yields rows [shard_index·B, (shard_index+1)·B) of each
@@ -89,11 +83,14 @@ def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_wor
       num_epochs: epochs to yield; None repeats forever.
       min_object_area, keep_background_prob, stuff_prob: spec §4.2-4.3.
       sampler: the click sampler (spec §4.4 defaults).
-      shard_index, shard_count: this process's slice of each global batch.
+      shard_index, shard_count: this process's slice of each global batch, normally
+        jax.process_index() and jax.process_count() (see `make_global_batch`).
       read_options: in-process reading threads/buffer; default 1 thread, 2 batches buffered.
     """
     if len(source) == 0:
         raise ValueError('source must contain at least one record')
+    if seed < 0:
+        raise ValueError(f'seed must be non-negative, got {seed}')
     if batch_size < 1:
         raise ValueError(f'batch_size must be positive, got {batch_size}')
     if not 0 <= shard_index < shard_count:
@@ -111,11 +108,15 @@ def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_wor
                             keep_background_prob=keep_background_prob))
     ds = (grain.MapDataset.range(steps * batch_size)
           .repeat(num_epochs)
-          .map_with_index(_MapIndex(sample, _GlobalIndex(batch_size, shard_index, shard_count)))
+          .map_with_index(_ShardSample(sample, batch_size, shard_index, shard_count))
           .batch(batch_size, drop_remainder=True)
           .to_iter_dataset(read_options or grain.ReadOptions(num_threads=1,
                                                               prefetch_buffer_size=2)))
     if num_workers:
+        # grain's worker start-up reads an absl flag (worker profiling, enabled by jaxlib's profiler
+        # hooks); outside absl.app nothing parses flags, so accept their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds
 
@@ -123,6 +124,8 @@ def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_wor
 def make_global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding):
     """Assemble this process's batch rows into global jax.Arrays laid out by sharding.
 
-    Every leaf is this process's contiguous slice of the global batch along axis 0.
+    Every leaf is this process's contiguous slice of the global batch along axis 0 (what
+    `train_dataset(..., shard_index=jax.process_index(), shard_count=jax.process_count())` yields
+    for a data-parallel sharding over a mesh whose processes own consecutive batch rows).
     """
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -1,4 +1,4 @@
-"""RITM's MultiPointSampler with SkipClick's arguments (spec §4.4) and CocoLvis stuff handling (§4.2).
+"""RITM's MultiPointSampler with SkipClick's arguments (spec §4.4) and stuff handling (§4.2).
 
 Objects are rows (layer_idx, local_id) of an int32 [K, 2] table with parents int32 [K] (-1 = root):
 object k's mask is `layers[..., objects[k, 0]] == objects[k, 1]`. Points are float32 [2N, 3] rows
@@ -20,15 +20,16 @@ _KERNEL = np.ones((3, 3), np.uint8)
 _ORDER = 100
 
 
-def select_stuff(layers: np.ndarray, objects: np.ndarray, parents: np.ndarray,
-                 num_instance_masks: int, stuff_prob: float, rng: np.random.Generator):
+def select_stuff(objects: np.ndarray, parents: np.ndarray, num_instance_masks: int,
+                 stuff_prob: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """CocoLvis stuff handling: objects with index >= num_instance_masks are stuff regions.
 
-    With probability stuff_prob they become extra roots; otherwise they are dropped and their pixels
-    are zeroed in their layers (a copy; the input is not modified).
+    With probability stuff_prob they become extra roots; otherwise they are dropped, and
+    `Augmenter` zeroes their pixels with every other label no kept object owns. (The reference
+    zeroes them before augmenting; the layers' resize/flip/pad/crop only move pixels, so zeroing
+    afterwards is identical.)
 
     Args:
-      layers: uint8 [H, W, L].
       objects: int32 [K, 2] rows (layer_idx, local_id).
       parents: int32 [K] (-1 = root); instances never have stuff parents.
       num_instance_masks: number of leading instance objects.
@@ -36,23 +37,18 @@ def select_stuff(layers: np.ndarray, objects: np.ndarray, parents: np.ndarray,
       rng: source of randomness.
 
     Returns:
-      (layers uint8 [H, W, L], objects int32 [K', 2], parents int32 [K']).
+      (objects int32 [K', 2], parents int32 [K']).
     """
     objects = np.asarray(objects, np.int32).reshape(-1, 2)
     parents = np.asarray(parents, np.int32).reshape(-1)
     if not 0 <= num_instance_masks <= objects.shape[0]:
         raise ValueError(f'num_instance_masks must be in [0, {objects.shape[0]}], '
                          f'got {num_instance_masks}')
-    stuff = objects[num_instance_masks:]
     if stuff_prob > 0 and rng.random() < stuff_prob:
         parents = parents.copy()
         parents[num_instance_masks:] = -1
-        return layers, objects, parents
-    if len(stuff):
-        is_stuff = np.zeros((layers.shape[2], 256), bool)
-        is_stuff[stuff[:, 0], stuff[:, 1]] = True
-        layers = layers * ~is_stuff[np.arange(layers.shape[2]), layers]
-    return layers, objects[:num_instance_masks], parents[:num_instance_masks]
+        return objects, parents
+    return objects[:num_instance_masks], parents[:num_instance_masks]
 
 
 def _count_probs(n: int, gamma: float) -> np.ndarray:
@@ -161,7 +157,9 @@ class MultiPointSampler:
         if parents.shape[0] != objects.shape[0]:
             raise ValueError(f'parents must have one entry per object ({objects.shape[0]}), '
                              f'got {parents.shape[0]}')
-        background = ~layers.any(axis=-1)
+        background = layers[..., 0] == 0
+        for layer in range(1, layers.shape[2]):
+            background &= layers[..., layer] == 0
         if len(objects) == 0:
             gt = np.zeros(layers.shape[:2], bool)
             positives = np.zeros((0, 2), np.int64)

@@ -1,16 +1,19 @@
-"""A deterministic synthetic segmentation dataset (numpy only) for smoke training and tests.
+"""A deterministic synthetic segmentation dataset for smoke training and tests.
 
 Each image is a smooth colour-noise background with 2-5 textured shapes (rotated ellipses,
 polygons, Fourier blobs) painted in order, so later shapes occlude earlier ones. The visible part
 of every shape is one object; all objects live in a single label layer (ids 1..K). Samples are
 addressed by (split, index) and depend only on (seed, split, index), never on iteration order.
+Generation is numpy only; `png_bytes` encodes an image for the TFDS records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
+from PIL import Image
 
 SPLITS = ("train", "val")
 
@@ -78,31 +81,46 @@ def synthetic_sample(cfg: SyntheticConfig, split: str, index: int) -> dict:
     }
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """Lossless PNG encoding of a uint8 [H,W,3] RGB image."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _draw_image(rng: np.random.Generator, h: int, w: int, cfg: SyntheticConfig):
-    """One attempt: (uint8 [H,W,3] image, uint8 [H,W] label map with consecutive ids 1..K)."""
+    """One attempt: (uint8 [H,W,3] image, uint8 [H,W] label map with ids 1..K in paint order).
+
+    A shape that would leave itself or an earlier shape with less than the minimum visible
+    area is not painted, so every painted shape is a labelled object.
+    """
     yy, xx = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5,
                          indexing="ij")
     bg_colour = rng.uniform(0.15, 0.85, size=3).astype(np.float32)
     image = bg_colour + 0.3 * (_smooth_noise(rng, h, w, int(rng.integers(2, 6))) - 0.5)
     image += rng.normal(0.0, 0.02, size=(h, w, 3)).astype(np.float32)
     label = np.zeros((h, w), np.uint8)
+    min_area = cfg.min_visible_fraction * h * w
     num_shapes = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    for k in range(num_shapes):
+    k = 0
+    for _ in range(4 * num_shapes):
+        if k == num_shapes:
+            break
         mask = _shape_mask(rng, yy, xx, min(h, w))
+        areas = np.bincount(np.where(mask, k + 1, label).ravel(), minlength=k + 2)[1:]
+        if areas.min() < min_area:
+            continue
+        k += 1
         image[mask] = _texture(rng, yy, xx, bg_colour, h, w)[mask]
-        label[mask] = k + 1
-    areas = np.bincount(label.ravel(), minlength=num_shapes + 1)[1:]
-    kept = np.flatnonzero(areas >= cfg.min_visible_fraction * h * w)
-    relabel = np.zeros(num_shapes + 1, np.uint8)
-    relabel[kept + 1] = np.arange(1, len(kept) + 1)
-    image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return image, relabel[label]
+        label[mask] = k
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), label
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
     """Value noise in [0, 1]: a random (cells+1)^2 x 3 grid, smoothstep-interpolated to [H,W,3]."""
     grid = rng.uniform(size=(cells + 1, cells + 1, 3)).astype(np.float32)
-    return np.einsum("hi,ijc,wj->hwc", _interp_matrix(h, cells), grid, _interp_matrix(w, cells))
+    rows = np.tensordot(_interp_matrix(h, cells), grid, axes=1)  # [H, cells+1, 3]
+    return np.matmul(_interp_matrix(w, cells), rows)  # [H, W, 3]
 
 
 def _interp_matrix(n: int, cells: int) -> np.ndarray:
@@ -132,7 +150,8 @@ def _shape_mask(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, side: 
         return (u / a) ** 2 + (v / b) ** 2 <= 1.0
     if kind == 1:
         n = int(rng.integers(3, 9))
-        angles = np.sort(rng.uniform(0.0, 2.0 * np.pi, size=n))
+        jitter = rng.uniform(-0.35, 0.35, size=n)
+        angles = rng.uniform(0.0, 2.0 * np.pi) + 2.0 * np.pi * (np.arange(n) + jitter) / n
         radii = radius * rng.uniform(0.6, 1.0, size=n)
         return _polygon_mask(cy + radii * np.sin(angles), cx + radii * np.cos(angles), yy, xx)
     phi = np.arctan2(dy, dx)

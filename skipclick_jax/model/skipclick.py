@@ -27,6 +27,12 @@ UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
 Encoding = dict  # {'fused': [B,h,w,D], 'skips': tuple of 4 first-layer skip halves, or ()}
 
 
+def _true_divide(x: jax.Array, divisor) -> jax.Array:
+    """x / divisor, correctly rounded like torch: XLA would turn a division by a broadcast into
+    a multiplication by its reciprocal, so the divisor is materialised behind a barrier."""
+    return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(divisor, x.dtype), x.shape))
+
+
 # ----------------------------------------------------------------------------- clicks
 def disk_maps(points: jax.Array, height: int, width: int, radius: float,
               point_denom: jax.Array | None = None) -> jax.Array:
@@ -35,7 +41,8 @@ def disk_maps(points: jax.Array, height: int, width: int, radius: float,
     A pixel is in a disk if (i - y)² + (j - x)² <= r² for some click of that polarity; a slot
     with max(y, x) < 0 is empty. With `point_denom` [B, 2] the click is at (y/den_y, x/den_x) and
     the offsets are computed as (i·den - y)/den, the correctly rounded float32 of the exact offset,
-    which is what the original computes in float64 for its evaluation clicks.
+    which is what the original computes in float64 for its evaluation clicks (pass y = S·r,
+    den = H for the mapping r' = S·r/H).
     """
     b, n, _ = points.shape
     y, x = points[..., 0], points[..., 1]
@@ -45,10 +52,14 @@ def disk_maps(points: jax.Array, height: int, width: int, radius: float,
         dy = rows[None, None, :] - y[..., None]
         dx = cols[None, None, :] - x[..., None]
     else:
+        # Full-shape divisors behind a barrier: XLA rewrites a division by a broadcast into a
+        # multiplication by the reciprocal, which is not correctly rounded.
         den_y, den_x = point_denom[:, 0, None, None], point_denom[:, 1, None, None]
-        dy = (rows[None, None, :] * den_y - y[..., None]) / den_y
-        dx = (cols[None, None, :] * den_x - x[..., None]) / den_x
-    d2 = (dy * dy)[:, :, :, None] + (dx * dx)[:, :, None, :]  # [B, 2P, H, W]
+        dy = _true_divide(rows[None, None, :] * den_y - y[..., None], den_y)
+        dx = _true_divide(cols[None, None, :] * den_x - x[..., None], den_x)
+    # Squares rounded before the sum, as torch does (no fused multiply-add).
+    dy2, dx2 = jax.lax.optimization_barrier((dy * dy, dx * dx))
+    d2 = dy2[:, :, :, None] + dx2[:, :, None, :]  # [B, 2P, H, W]
     invalid = jnp.maximum(y, x) < 0
     d2 = jnp.where(invalid[:, :, None, None], 1e6, d2)
     d2 = d2.reshape(b, 2, n // 2, height, width).min(axis=2)
@@ -245,8 +256,8 @@ class SkipClick(nnx.Module):
         """images [B,H,W,3] uint8 or float in [0,1] -> DINOv2 taps, each [B, H/p, W/p, D]."""
         self.check_image_size(*images.shape[1:3])
         if images.dtype == jnp.uint8:
-            images = images.astype(jnp.float32) / 255.0
-        x = (images.astype(jnp.float32) - IMAGENET_MEAN) / IMAGENET_STD
+            images = _true_divide(images.astype(jnp.float32), 255.0)
+        x = _true_divide(images.astype(jnp.float32) - IMAGENET_MEAN, IMAGENET_STD)
         return self.feature_extractor(x)
 
     def fuse_taps(self, taps: tuple[jax.Array, ...]) -> jax.Array:
@@ -324,5 +335,10 @@ def forward_stages(model: SkipClick, images, prev_mask, points, point_denom=None
 
 
 def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> SkipClick:
-    """A freshly initialised SkipClick (spec §3 initialisation) for the `model` config section."""
-    return SkipClick(cfg, rngs=nnx.Rngs(seed))
+    """A freshly initialised SkipClick (spec §3 initialisation) for the `model` config section.
+
+    The initialisation runs as one compiled computation (much faster than eager op-by-op init).
+    """
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: SkipClick(cfg, rngs=nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.state(SkipClick(cfg, rngs=nnx.Rngs(seed))))()
+    return nnx.merge(graphdef, state)

@@ -38,11 +38,14 @@ def train_defaults() -> ml_collections.ConfigDict:
 def data_defaults() -> ml_collections.ConfigDict:
     """COCO+LVIS with RITM's augmentation and MultiPointSampler (spec §4.2-§4.5).
 
-    `eval_datasets` are evaluated (NoC) after training; `eval_roots` maps a name to its root.
+    `name`/`root`/`split` go to data.train_datasets.load_train_source, `points` to
+    data.points_sampler.MultiPointSampler and `synthetic` to data.synthetic.SyntheticConfig (used by
+    the 'Synthetic' train and eval sets). `eval_datasets` are evaluated (NoC) after training;
+    `eval_roots` maps each of them (except 'Synthetic') to its folder.
     """
     return ml_collections.ConfigDict(
         dict(
-            train_datasets=("COCO+LVIS",),
+            name="COCO+LVIS",
             root="",
             data_dir="",  # TFDS / cache directory ("" = the loader's default)
             split="train",
@@ -60,12 +63,10 @@ def data_defaults() -> ml_collections.ConfigDict:
                 expand_ratio=0.1,
                 positive_erode_prob=0.9,
                 positive_erode_iters=3,
-                negative_bg_prob=0.1,
-                negative_other_prob=0.4,
-                negative_border_prob=0.5,
+                negative_probs=(0.1, 0.4, 0.5),  # background, other objects, border
             ),
+            synthetic={},
             eval_datasets=("GrabCut", "Berkeley", "SBD", "DAVIS", "HQSeg44k"),
             eval_roots={},
-            eval_split="test",
         )
     )

@@ -59,3 +59,19 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's part of the batch ([B / process_count, ...] each) -> global sharded arrays."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def jit_step(step_fn, mesh: jax.sharding.Mesh, state: Any, frozen: Any):
+    """Places (state, frozen) on `mesh` and jits step_fn(state, frozen, batch) -> (state, metrics)
+    with explicit shardings (batch split over ('data', 'fsdp'), metrics replicated) and the state
+    donated. Returns (jitted step, placed state, placed frozen); the placed state may alias the
+    buffers of `state`, so the caller must not use `state` after the first step."""
+    state_sh = state_shardings(mesh, state)
+    frozen_sh = param_shardings(mesh, frozen)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
+        out_shardings=(state_sh, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+    return jitted, jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)

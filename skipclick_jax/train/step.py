@@ -98,12 +98,14 @@ def make_train_step(
 
 
 def make_preview_fn(
-    graphdef: nnx.GraphDef, *, max_num_next_clicks: int = 3, pred_thresh: float = 0.49
-) -> Callable[[TrainState, dict[str, Any], Batch], tuple[jax.Array, jax.Array]]:
-    """(state, frozen, batch) -> (prob [B,S,S], points [B,2P,3]): the current step's simulated
-    clicks and the eval-mode prediction on them (for image summaries; same keys as the step)."""
+    graphdef: nnx.GraphDef, *, num: int, max_num_next_clicks: int = 3, pred_thresh: float = 0.49
+) -> Callable[[TrainState, dict[str, Any], Batch], dict[str, jax.Array]]:
+    """(state, frozen, batch) -> the first `num` samples' {image, gt, points [num,2P,3] after the
+    simulated clicks, prob [num,S,S] eval-mode prediction}, for image summaries. It draws the
+    step's keys exactly as `make_train_step` does for the same `state.step`."""
 
     def preview(state: TrainState, frozen: dict[str, Any], batch: Batch):
+        batch = jax.tree.map(lambda x: x[:num], batch)
         k_num, k_click, _ = step_keys(state)
         num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
         model = nnx.merge(graphdef, state.params, frozen)
@@ -112,6 +114,6 @@ def make_preview_fn(
             graphdef, state.params, frozen, enc, batch, num_clicks, k_click, pred_thresh
         )
         prob = jax.nn.sigmoid(model.decode_clicks(enc, prev, points, dropout_rng=None))
-        return prob, points
+        return dict(image=batch["image"], gt=batch["gt"], points=points, prob=prob)
 
     return preview

@@ -1,0 +1,7 @@
+"""SkipClick with a 6-block EncoderStack (post-depth ablation, spec §1.1)."""
+
+from skipclick_jax import config_lib
+
+
+def get_config():
+    return config_lib.base_config(config_lib.model_config(stack_depth=6))

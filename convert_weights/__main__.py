@@ -1,0 +1,5 @@
+import sys
+
+from convert_weights.convert import main
+
+sys.exit(main())

@@ -1,0 +1,260 @@
+"""Import torch-side weights into JAX parameters and export them back; the conversion CLI.
+
+Sources (`fmt`): 'released' (a SkipClick `.pth` with {'state_dict', 'config'}), 'state_dict' (a
+bare SkipClick state dict, `.pth` or `.safetensors`), 'hub' (DINOv2 `dinov2_vitb14_reg4_pretrain.pth`
+keys) and 'timm' (`vit_base_patch14_reg4_dinov2` keys); backbones go into a freshly initialised
+SkipClick. 'auto' tells them apart by their keys.
+
+  python -m convert_weights SRC --out DIR            # -> project checkpoint (orbax + config.json)
+  python -m convert_weights SRC --out FILE.pth       # -> original state dict (+ config entry)
+  python -m convert_weights SRC --out FILE.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from convert_weights import CheckpointError, mapping
+from convert_weights.unpickler import load_pth
+
+FORMATS = ("auto", "released", "state_dict", "hub", "timm")
+CONFIG_KEY = "skipclick_jax_model_config"  # project model config (JSON) stored in exports
+
+
+def model_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `model` section of a full experiment config, or `cfg` itself if it is one."""
+    return cfg.model if "model" in cfg else cfg
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict, dict | None, ml_collections.ConfigDict | None]:
+    """-> (state dict of numpy arrays, original `config` entry or None, embedded project config)."""
+    from skipclick_jax.config_lib import config_from_json
+
+    path = pathlib.Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                sd = collections.OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        embedded = config_from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+        return sd, None, embedded
+    obj = load_pth(path)
+    entry = None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        entry, obj = obj.get("config"), obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a checkpoint (expected a state dict of tensors or "
+                              "{'state_dict': ..., 'config': ...})")
+    embedded = None
+    if isinstance(entry, dict) and isinstance(entry.get(CONFIG_KEY), str):
+        embedded = config_from_json(entry[CONFIG_KEY])
+    return obj, entry if isinstance(entry, dict) else None, embedded
+
+
+def detect_format(sd: dict, entry: dict | None, source: str) -> str:
+    if any(k.startswith(mapping.HUB_PREFIX) for k in sd):
+        return "released" if entry is not None else "state_dict"
+    if "register_tokens" in sd:
+        return "hub"
+    if "reg_token" in sd:
+        return "timm"
+    raise CheckpointError(f"{source}: unrecognised keys (first: {next(iter(sd))!r}); expected a "
+                          "SkipClick state dict or a DINOv2-with-registers backbone (hub or timm)")
+
+
+def _abstract_params(cfg, seed: int | None):
+    """(graphdef, state, pure dict): abstract for seed None, else freshly initialised."""
+    from flax import nnx
+
+    from skipclick_jax.model import build_model
+
+    model = nnx.eval_shape(lambda: build_model(cfg)) if seed is None else build_model(cfg, seed)
+    graphdef, state = nnx.split(model)
+    return graphdef, state, nnx.to_pure_dict(state)
+
+
+def _check_tree(params: dict, reference: dict, source: str, prefix=()) -> None:
+    """Every leaf of `reference` (the model) exists in `params` with its shape; no extras."""
+    extra = set(params) - set(reference)
+    if extra:
+        raise CheckpointError(f"{source}: parameters not in the model: "
+                              f"{'.'.join(map(str, prefix + (sorted(map(str, extra))[0],)))}")
+    for k, ref in reference.items():
+        path = prefix + (k,)
+        if k not in params:
+            raise CheckpointError(f"{source}: model parameter {'.'.join(map(str, path))} is missing")
+        if isinstance(ref, dict):
+            _check_tree(params[k], ref, source, path)
+        elif tuple(params[k].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: {'.'.join(map(str, path))} has shape "
+                                  f"{tuple(params[k].shape)}, the model expects {tuple(ref.shape)}")
+
+
+def backbone_params(sd: dict, kind: str, cfg: ml_collections.ConfigDict, source: str) -> dict:
+    """DINOv2 hub/timm state dict -> the model's `feature_extractor` subtree (JAX layout).
+
+    Both are brought to the canonical hub form (cls position folded into cls_token), so the same
+    weights give identical parameters from either file; timm files have no mask_token (zeros).
+    """
+    hub = mapping.timm_to_hub(sd) if kind == "timm" else mapping.fold_cls_position(sd)
+    prefixed = {mapping.HUB_PREFIX + k: v for k, v in hub.items()}
+    params = mapping.state_dict_to_params(prefixed, cfg, source, prefix=mapping.HUB_PREFIX)
+    return params["feature_extractor"]
+
+
+def import_weights(src, cfg: ml_collections.ConfigDict | None = None, fmt: str = "auto",
+                   seed: int = 0) -> tuple:
+    """Reads `src` -> (model, model config, info dict). Raises CheckpointError naming the fault.
+
+    `cfg` (model section) is required for 'state_dict' sources without an embedded config and
+    for backbones; for released checkpoints it is checked against the file (shapes must agree).
+    """
+    from flax import nnx
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    source = str(src)
+    sd, entry, embedded = read_file(src)
+    kind = detect_format(sd, entry, source) if fmt == "auto" else fmt
+    dtypes = sorted({str(v.dtype) for v in sd.values()})
+    if kind in ("released", "state_dict"):
+        if cfg is None:
+            cfg = embedded
+        if cfg is None and kind == "state_dict":
+            raise CheckpointError(f"{source}: a bare state dict needs a model config (--config)")
+        if cfg is None:
+            cfg = mapping.model_config_from_state_dict(sd, entry, source)
+        params = mapping.state_dict_to_params(
+            {k: v for k, v in tqdm(sd.items(), desc="reading", unit="tensor", leave=False)},
+            cfg, source)
+        graphdef, state, reference = _abstract_params(cfg, seed=None)
+    elif kind in ("hub", "timm"):
+        if cfg is None:
+            raise CheckpointError(f"{source}: a {kind} backbone file needs a model config (--config)")
+        backbone = backbone_params(sd, kind, cfg, source)
+        graphdef, state, reference = _abstract_params(cfg, seed=seed)
+        params = dict(reference, feature_extractor=backbone)
+    else:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    _check_tree(params, reference, source)
+    nnx.replace_by_pure_dict(state, params)
+    model = nnx.merge(graphdef, state)
+    info = dict(source=source, format=kind, dtypes=dtypes, tensors=len(sd))
+    return model, cfg, info
+
+
+def export_state_dict(model, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """JAX model -> original state dict (numpy float32, original key order and layouts)."""
+    from flax import nnx
+
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return mapping.params_to_state_dict(_to_numpy(pure), model_section(cfg))
+
+
+def _to_numpy(tree):
+    return {k: _to_numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_weights(model, cfg: ml_collections.ConfigDict, path: str | os.PathLike) -> pathlib.Path:
+    """Writes the original state dict to `.pth` ({'state_dict', 'config'}, loadable with
+    weights_only=True; needs torch) or `.safetensors` (project config in the metadata)."""
+    from skipclick_jax.config_lib import config_to_json
+
+    path = pathlib.Path(path)
+    cfg = model_section(cfg)
+    sd = export_state_dict(model, cfg)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={CONFIG_KEY: config_to_json(cfg)}))
+    elif path.suffix in (".pth", ".pt"):
+        import torch
+
+        entry = mapping.released_config_entry(cfg) | {CONFIG_KEY: config_to_json(cfg)}
+        tensors = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
+        _atomic_write(path, lambda tmp: torch.save({"state_dict": tensors, "config": entry}, tmp))
+    else:
+        raise ValueError(f"{path}: export needs a .pth/.pt or .safetensors file name")
+    return path
+
+
+def summary(model, cfg, info: dict) -> str:
+    """Parameters per top-level module, dtypes, and the source format."""
+    from skipclick_jax.model import param_counts
+
+    counts = param_counts(model)
+    total = counts.pop("total")
+    width = max(map(len, counts)) + 2
+    lines = [f"source: {info['source']} (format: {info['format']}, {info['tensors']} tensors, "
+             f"dtype {'/'.join(info['dtypes'])} -> float32)"]
+    m = model_section(cfg)
+    lines.append(f"model: taps={tuple(m.backbone.taps)} skip={m.neck.skip_connections} "
+                 f"stack_depth={m.stack.depth} upsample={m.head.upsample} crop={m.crop_size}")
+    lines += [f"  {name:<{width}}{n:>14,}" for name, n in counts.items()]
+    lines.append(f"  {'total':<{width}}{total:>14,}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from skipclick_jax import checkpoint
+    from skipclick_jax.config_lib import load_config_file
+
+    ap = argparse.ArgumentParser(
+        prog="python -m convert_weights",
+        description="Convert SkipClick / DINOv2 weights to a project checkpoint, or export a "
+                    "checkpoint back to the original PyTorch state dict.")
+    ap.add_argument("src", help="released .pth, state dict (.pth/.safetensors), DINOv2 hub/timm "
+                                "file, project checkpoint dir or train.py checkpoint dir")
+    ap.add_argument("--out", required=True,
+                    help="DIR: project checkpoint (orbax params + config.json); FILE.pth or "
+                         "FILE.safetensors: export the original state dict")
+    ap.add_argument("--config", help="configs/x.py or config.json (required for bare state "
+                                     "dicts and backbones; checked against released files)")
+    ap.add_argument("--format", default="auto", choices=FORMATS, help="source format")
+    ap.add_argument("--seed", type=int, default=0, help="init seed of non-backbone params")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = ap.parse_args(argv)
+
+    out = pathlib.Path(args.out)
+    if out.exists() and not args.overwrite:
+        ap.error(f"{out} exists (use --overwrite)")
+    config = load_config_file(args.config) if args.config else None
+    try:
+        model, config, info = checkpoint.load_with_info(args.src, config, fmt=args.format,
+                                                        seed=args.seed)
+        if out.suffix in (".pth", ".pt", ".safetensors"):
+            export_weights(model, config, out)
+        else:
+            checkpoint.save(out, model, config, overwrite=args.overwrite)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(model, config, info))
+    print(f"wrote {out}")
+    return 0

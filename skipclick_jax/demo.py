@@ -1,0 +1,65 @@
+"""Quick-response demo: encode a bundled image once, apply a click sequence, save overlays.
+
+    python -m skipclick_jax.demo [--checkpoint CKPT] [--config configs/test_tiny.py] [--out DIR]
+
+Without a checkpoint the model is randomly initialised (the masks are then meaningless, the
+timings are not). Prints the encode latency and the per-click latency of every click.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+from skipclick_jax import config_lib
+from skipclick_jax.model import build_model
+from skipclick_jax.predictor import Predictor
+from skipclick_jax.visualize import overlay
+
+ASSET = pathlib.Path(__file__).parent / "assets" / "demo.png"
+DEMO_CLICKS = [(170, 150, True), (120, 320, False), (200, 120, True), (300, 350, False), (150, 200, True)]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="anything skipclick_jax.checkpoint.load accepts")
+    parser.add_argument("--config", default=str(pathlib.Path(__file__).parents[1] / "configs" / "test_tiny.py"))
+    parser.add_argument("--image", default=str(ASSET))
+    parser.add_argument("--out", default="out/demo")
+    args = parser.parse_args(argv)
+
+    if args.checkpoint:
+        from skipclick_jax.checkpoint import load
+
+        model, _ = load(args.checkpoint)
+    else:
+        model = build_model(config_lib.load_config_file(args.config).model)
+    image = np.asarray(Image.open(args.image).convert("RGB"))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    predictor = Predictor(model)
+    predictor.set_image(image)  # compiles
+    predictor.add_click(*DEMO_CLICKS[0])  # compiles the per-click path
+    t0 = time.perf_counter()
+    predictor.set_image(image)
+    jax.block_until_ready(predictor._encoding)
+    print(f"image {image.shape[1]}x{image.shape[0]} -> {predictor.size}x{predictor.size}: "
+          f"encode {1e3 * (time.perf_counter() - t0):.1f} ms")
+    for k, (row, col, positive) in enumerate(DEMO_CLICKS, 1):
+        t0 = time.perf_counter()
+        prob = predictor.add_click(row, col, positive)
+        ms = 1e3 * (time.perf_counter() - t0)
+        path = out / f"click_{k:02d}.png"
+        Image.fromarray(overlay(image, prob > 0.5, predictor.clicks)).save(path)
+        print(f"click {k} ({'+' if positive else '-'} at {row},{col}): {ms:.1f} ms, "
+              f"mask {100 * (prob > 0.5).mean():.1f}% of the image -> {path}")
+
+
+if __name__ == "__main__":
+    main()

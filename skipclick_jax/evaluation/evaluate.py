@@ -1,0 +1,164 @@
+"""`evaluate`: NoC evaluation of a model on several datasets, with the report files of `eval.py`.
+
+Writes into `out`:
+  summary.json          per dataset: noc/nof at {80,85,90,95}, miou (mIoU@1..max_clicks),
+                        instances, clicks, seconds, clicks_per_second, size, flip, target_iou
+  <NAME>/clicks.json    per instance in dataset order: {id, height, width, clicks
+                        [[row, col, is_positive], ...], ious [...]}
+  <NAME>/overlays/*.png the first `cfg.overlays` instances with their final mask and clicks
+  results.md            a Markdown table in the paper's style
+  miou_curve.png        mIoU vs number of clicks, one curve per dataset
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from skipclick_jax import metrics
+from skipclick_jax.evaluation.engine import Predictor, Protocol, run_samples, skipclick_predictor
+
+THRESHOLD_KEYS = ("80", "85", "90", "95")
+
+
+def evaluate(
+    model_or_predictor: Any,
+    datasets: Mapping[str, Sequence[dict] | str | os.PathLike],
+    out: str | os.PathLike,
+    cfg: ml_collections.ConfigDict,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Evaluates on every dataset and writes the report files; returns the summary dict.
+
+    Args:
+      model_or_predictor: a SkipClick `nnx` model or an `engine.Predictor`.
+      datasets: name -> samples ({'id', 'image', 'gt'}, sequence-like, in dataset order) or the
+        dataset's root folder (read with `skipclick_jax.data.eval_datasets.load_eval_dataset`).
+      out: output folder (created).
+      cfg: the `eval` config section (`skipclick_jax.evaluation.defaults.eval_defaults()`).
+      data_dir: TFDS cache folder for datasets given as folders.
+    """
+    predictor = (model_or_predictor if isinstance(model_or_predictor, Predictor)
+                 else skipclick_predictor(model_or_predictor))
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, dict] = {}
+    for name, samples in datasets.items():
+        if isinstance(samples, (str, os.PathLike)):
+            from skipclick_jax.data.eval_datasets import load_eval_dataset
+
+            samples = load_eval_dataset(name, samples, data_dir)
+        protocol = Protocol.from_config(cfg, name)
+        summary[name] = _evaluate_dataset(predictor, name, samples, protocol, cfg, out / name, progress)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(results_markdown(summary))
+    if summary:
+        plot_miou(summary, out / "miou_curve.png")
+    return summary
+
+
+def _evaluate_dataset(predictor, name, samples, protocol, cfg, folder, progress) -> dict:
+    from tqdm import tqdm
+
+    n_overlays = int(cfg.overlays)
+    bar = tqdm(total=_length(samples), desc=f"{name} (S={protocol.size})", unit="inst", disable=not progress)
+    start = time.perf_counter()
+    results = run_samples(predictor, samples, protocol, batch_size=int(cfg.batch_size),
+                          bucket=int(cfg.bucket), keep_masks=n_overlays, on_done=bar.update)
+    seconds = time.perf_counter() - start
+    bar.close()
+    all_ious = [metrics.ious_from_counts(r["inter"], r["union"]) for r in results]
+    clicks = sum(len(r["clicks"]) for r in results)
+    noc, nof = metrics.noc(all_ious, metrics.NOC_THRESHOLDS, protocol.max_clicks)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [dict(id=r["id"], height=int(r["height"]), width=int(r["width"]), clicks=r["clicks"],
+                    ious=[float(x) for x in ious]) for r, ious in zip(results, all_ious)]
+    (folder / "clicks.json").write_text(json.dumps(records))
+    if n_overlays:
+        _write_overlays(samples, results[:n_overlays], folder / "overlays")
+    return dict(
+        noc=dict(zip(THRESHOLD_KEYS, map(float, noc))),
+        nof=dict(zip(THRESHOLD_KEYS, map(int, nof))),
+        miou=[float(x) for x in metrics.miou_curve(all_ious, protocol.max_clicks)] if results else [],
+        instances=len(results),
+        clicks=clicks,
+        seconds=seconds,
+        clicks_per_second=clicks / seconds if seconds > 0 else float("nan"),
+        size=protocol.size,
+        flip=protocol.flip,
+        target_iou=protocol.target_iou,
+    )
+
+
+def _length(samples) -> int | None:
+    try:
+        return len(samples)
+    except TypeError:
+        return None
+
+
+def _write_overlays(samples, results, folder: pathlib.Path) -> None:
+    from PIL import Image
+
+    from skipclick_jax.visualize import overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, res in enumerate(results):
+        sample = samples[i]
+        image = overlay(sample["image"], res["mask"], res["clicks"], gt=sample["gt"])
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in res["id"])
+        Image.fromarray(image).save(folder / f"{i:04d}_{safe}.png")
+
+
+def results_markdown(summary: Mapping[str, dict]) -> str:
+    """The summary as a Markdown table: NoC@80..95, NoF@85/90/95 (">=20"), mIoU@1/5, clicks/s;
+    plus an unweighted 'Avg. WSESeg' row when WSESeg classes were evaluated."""
+    columns = ["Dataset", "#inst", *(f"NoC@{k}" for k in THRESHOLD_KEYS),
+               *(f">=20@{k}" for k in THRESHOLD_KEYS[1:]), "mIoU@1", "mIoU@5", "clicks/s"]
+
+    def line(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    def row(name, s):
+        miou = s["miou"]
+        return line([name, str(s["instances"]), *(f"{s['noc'][k]:.2f}" for k in THRESHOLD_KEYS),
+                     *(str(s["nof"][k]) for k in THRESHOLD_KEYS[1:]),
+                     *(f"{miou[k - 1]:.4f}" if len(miou) >= k else "-" for k in (1, 5)),
+                     f"{s['clicks_per_second']:.1f}"])
+
+    lines = [line(columns), line(["---"] * len(columns))]
+    lines += [row(name, s) for name, s in summary.items()]
+    wse = [s for name, s in summary.items() if name.startswith("WSESeg_")]
+    if len(wse) > 1:
+        avg = [f"{np.mean([s['noc'][k] for s in wse]):.3f}" for k in THRESHOLD_KEYS]
+        cells = [f"Avg. WSESeg ({len(wse)} classes)", str(sum(s["instances"] for s in wse)), *avg]
+        lines.append(line(cells + [""] * (len(columns) - len(cells))))
+    return "\n".join(lines) + "\n"
+
+
+def plot_miou(summary: Mapping[str, dict], path: pathlib.Path) -> None:
+    """mIoU@k vs k, one curve per dataset, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, s in summary.items():
+        if s["miou"]:
+            ax.plot(np.arange(1, len(s["miou"]) + 1), s["miou"], marker="o", markersize=3, label=name)
+    ax.set(xlabel="number of clicks", ylabel="mIoU", title="mIoU vs clicks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,22 @@
+"""Shared fixtures. Tests run on CPU; parity tests use float32 matmuls at 'highest' precision."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from skipclick_jax import config_lib
+
+    return config_lib.tiny_model_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    from skipclick_jax.model import build_model
+
+    return build_model(tiny_config, seed=0)

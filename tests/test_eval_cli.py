@@ -1,0 +1,87 @@
+"""`evaluate` report files and the `eval.py` command line."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+from skipclick_jax import metrics
+from skipclick_jax.evaluation.defaults import eval_defaults, size_for
+from skipclick_jax.evaluation.engine import run_samples
+from skipclick_jax.evaluation.evaluate import evaluate
+from tests.test_eval_engine import FLIP, PREDICTOR, SIZES, make_sample
+
+eval_cli = importlib.import_module("eval")
+
+
+def flip_config():
+    cfg = eval_defaults()
+    cfg.update(default_size=FLIP.size, max_clicks=FLIP.max_clicks, batch_size=3, bucket=48, overlays=2)
+    cfg.sizes = {}  # every dataset at S = FLIP.size
+    return cfg
+
+
+def test_evaluate_writes_the_report(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [make_sample(rng, h, w, i) for i, (h, w) in enumerate(SIZES)]
+    summary = evaluate(PREDICTOR, {"GrabCut": samples, "WSESeg_a": samples[:2], "WSESeg_b": samples[2:]},
+                       tmp_path, flip_config(), progress=False)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    expected = run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=48)
+    records = json.loads((tmp_path / "GrabCut" / "clicks.json").read_text())
+    assert [r["id"] for r in records] == [s["id"] for s in samples]
+    assert [r["clicks"] for r in records] == [e["clicks"] for e in expected]
+    assert [(r["height"], r["width"]) for r in records] == SIZES
+    all_ious = [metrics.ious_from_counts(e["inter"], e["union"]) for e in expected]
+    assert [r["ious"] for r in records] == [list(x) for x in all_ious]
+    noc, nof = metrics.noc(all_ious, max_clicks=FLIP.max_clicks)
+    s = summary["GrabCut"]
+    assert list(s["noc"].values()) == noc.tolist() and list(s["nof"].values()) == nof.tolist()
+    assert s["instances"] == len(samples) and s["clicks"] == sum(len(r["clicks"]) for r in records)
+    assert len(s["miou"]) == FLIP.max_clicks and s["clicks_per_second"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| GrabCut | 4 |" in table and "Avg. WSESeg (2 classes)" in table
+    assert (tmp_path / "miou_curve.png").stat().st_size > 0
+    assert len(list((tmp_path / "GrabCut" / "overlays").glob("*.png"))) == 2
+
+
+def test_command_line_parsing_and_overrides():
+    args, overrides, datasets = eval_cli._parse(
+        ["--checkpoint", "ck", "--dataset", "GrabCut=/d/gc", "--dataset", "DAVIS=/d/davis", "--out", "o",
+         "--no-flip", "--size", "224", "--config.eval.batch_size=16", "--config.eval.sizes.DAVIS=448"])
+    assert datasets == {"GrabCut": "/d/gc", "DAVIS": "/d/davis"} and args.no_flip and args.size == 224
+    cfg = eval_cli.ml_collections.ConfigDict({"eval": eval_defaults()})
+    for key, value in overrides:
+        eval_cli._override(cfg, key, value)
+    assert cfg.eval.batch_size == 16 and size_for(cfg.eval, "DAVIS") == 448
+    eval_cli._override(cfg, "eval.flip", "false")
+    assert cfg.eval.flip is False
+    with pytest.raises(KeyError, match="unknown field"):
+        eval_cli._override(cfg, "eval.nope", "1")
+    with pytest.raises(SystemExit):
+        eval_cli._parse(["--checkpoint", "c", "--dataset", "GrabCut", "--out", "o"])
+
+
+def test_sizes_per_dataset():
+    cfg = eval_defaults()
+    assert {n: size_for(cfg, n) for n in ("GrabCut", "Berkeley", "SBD", "DAVIS", "HQSeg44k", "SHSeg",
+                                          "WSESeg_yt_sports")} == {
+        "GrabCut": 448, "Berkeley": 448, "SBD": 448, "DAVIS": 672, "HQSeg44k": 896, "SHSeg": 896,
+        "WSESeg_yt_sports": 896}
+
+
+@pytest.mark.slow
+def test_eval_main_end_to_end(tmp_path):
+    from skipclick_jax import checkpoint, config_lib
+    from skipclick_jax.data import testing
+    from skipclick_jax.model import build_model
+
+    cfg = config_lib.base_config(config_lib.tiny_model_config())
+    checkpoint.save(tmp_path / "ckpt", build_model(cfg.model, seed=0), cfg)
+    root = testing.write_grabcut(tmp_path / "GrabCut")
+    summary = eval_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--dataset", f"GrabCut={root}",
+                             "--out", str(tmp_path / "out"), "--size", "56", "--overlays", "1",
+                             "--config.eval.max_clicks=3", "--data-dir", str(tmp_path / "tfds")])
+    assert summary["GrabCut"]["instances"] == 2 and summary["GrabCut"]["size"] == 56
+    assert (tmp_path / "out" / "GrabCut" / "clicks.json").is_file()

@@ -1,0 +1,128 @@
+"""train.py end to end on a small test_tiny: resume equals an uninterrupted run, a corrupted
+checkpoint is skipped, a NaN stops training with the last good checkpoint kept, previews are written.
+
+All runs happen in one subprocess (a fresh JAX with a persistent compilation cache, so the resumed
+run reuses the first run's executable); the tests assert on its JSON report.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(data_dir: str):
+    from skipclick_jax import config_lib
+
+    cfg = config_lib.load_config_file(ROOT / "configs" / "tiny_synthetic.py")
+    cfg.model.crop_size = 56
+    cfg.model.backbone.update(depth=4, taps=(0, 1, 2, 3))
+    cfg.train.update(batch_size=4, num_steps=4, checkpoint_every_steps=1, keep_checkpoints=10,
+                     log_every_steps=1, image_summary_every_steps=0, eval_untrained=False)
+    cfg.data.update(crop_size=56, epoch_len=64, data_dir=data_dir, eval_datasets=())
+    cfg.data.synthetic.update(image_size=(56, 56), num_train=16, num_val=4)
+    return cfg
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _run_child(out: pathlib.Path) -> None:
+    import importlib.util
+
+    import jax
+
+    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = small_config(str(out / "tfds"))
+    report = {}
+
+    # Uninterrupted: 4 steps, a checkpoint after every step, previews every 2 steps.
+    a = out / "a"
+    cfg.train.image_summary_every_steps = 2
+    train.train_and_evaluate(cfg, a)
+    cfg.train.image_summary_every_steps = 0
+    report["a"] = _losses(a)
+    report["pngs"] = len(list((a / "images").glob("*.png")))
+    report["tensorboard"] = len(list((a / "tensorboard").glob("events.*")))
+
+    # Interrupted after step 3 whose checkpoint got corrupted: resumes from 2, runs 3 and 4.
+    b = out / "b"
+    shutil.copytree(a, b)
+    (b / "metrics.jsonl").unlink()
+    shutil.rmtree(b / "checkpoints" / "4")
+    for f in (b / "checkpoints" / "3").rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    train.train_and_evaluate(cfg, b)
+    report["b"] = _losses(b)
+    report["b_dirs"] = sorted(p.name for p in (b / "checkpoints").iterdir())
+
+    # A NaN learning rate: step 5 is finite but leaves NaN parameters, which are never saved.
+    cfg.train.update(num_steps=6)
+    cfg.train.optimizer.lr = float("nan")
+    try:
+        train.train_and_evaluate(cfg, b)
+        report["nan_error"] = None
+    except FloatingPointError as e:
+        report["nan_error"] = str(e)
+    from skipclick_jax import checkpoint
+
+    model, _ = checkpoint.load(b)
+    report["latest_after_nan"] = max(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit())
+    report["loaded_finite"] = bool(all(np.isfinite(x).all() for x in jax.tree.leaves(model)))
+    (out / "report.json").write_text(json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_loop")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rep = json.loads((out / "report.json").read_text())
+    rep["stderr"] = proc.stderr
+    return rep
+
+
+def test_resume_matches_uninterrupted_run(report):
+    a, b = report["a"], report["b"]
+    assert sorted(a) == ["1", "2", "3", "4"], a
+    assert sorted(b) == ["3", "4"], b
+    np.testing.assert_allclose([b["3"], b["4"]], [a["3"], a["4"]], rtol=1e-6)
+
+
+def test_corrupted_checkpoint_is_skipped_with_a_warning(report):
+    assert "checkpoints/3 is unreadable" in report["stderr"]
+    assert any(d.startswith("corrupt_3") for d in report["b_dirs"]), report["b_dirs"]
+    assert "config.json" in report["b_dirs"]
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(report):
+    assert report["nan_error"] and "non-finite" in report["nan_error"], report["nan_error"]
+    assert "step 4" in report["nan_error"], report["nan_error"]
+    assert report["latest_after_nan"] == 4
+    assert report["loaded_finite"]
+
+
+def test_summaries_are_written(report):
+    assert report["pngs"] == 2 and report["tensorboard"] >= 1
+
+
+if __name__ == "__main__":
+    _run_child(pathlib.Path(sys.argv[1]))

@@ -1,0 +1,81 @@
+"""The sharded train step equals the single-device step on 8 virtual CPU devices.
+
+The comparison runs in a subprocess because XLA_FLAGS must be set before jax is imported.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+CROP, BATCH, STEPS = 56, 8, 2
+
+
+def _run_child() -> None:
+    import jax
+
+    from skipclick_jax import config_lib
+    from skipclick_jax.model import build_model
+    from skipclick_jax.train import optim, sharding, state as st, step as sp
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = config_lib.base_config(config_lib.tiny_model_config())
+    # A large Adam eps keeps the update a smooth function of the gradient (with 1e-8, parameters
+    # whose gradient is ~0 move by +-lr on float32 noise), so the comparison can be tight.
+    cfg.train.optimizer.update(lr=1e-3, eps=1e-3)
+    tx, schedule = optim.make_optimizer(cfg.train, steps_per_epoch=10)
+    graphdef, params, frozen = st.split_model(build_model(cfg.model, seed=0), frozen_backbone=True)
+    train_step = sp.make_train_step(graphdef, tx, schedule, max_num_next_clicks=3)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(STEPS):
+        gt = np.zeros((BATCH, CROP, CROP), np.float32)
+        gt[:, 10:40, 12:44] = 1.0
+        points = np.full((BATCH, 48, 3), -1.0, np.float32)
+        points[:, 0] = (25, 28, 100)
+        image = rng.integers(0, 256, (BATCH, CROP, CROP, 3), dtype=np.uint8)
+        batches.append(dict(image=image, points=points, gt=gt))
+
+    def run(mesh_shape):
+        # a copy: jit_step's device_put may alias the buffers that the donating step deletes
+        state = st.init_state(jax.tree.map(np.array, params), tx, seed=0)
+        if mesh_shape is None:
+            step, f = jax.jit(train_step), frozen
+        else:
+            mesh = sharding.make_mesh(*mesh_shape)
+            step, state, f = sharding.jit_step(train_step, mesh, state, frozen)
+            if mesh_shape[1] > 1:  # fsdp really shards the parameters
+                specs = {x.sharding.spec for x in jax.tree.leaves(state.params)}
+                assert any("fsdp" in s for s in specs), specs
+        losses = []
+        for b in batches:
+            if mesh_shape is not None:
+                b = sharding.global_batch(b, sharding.batch_sharding(mesh))
+            state, metrics = step(state, f, b)
+            losses.append(float(metrics["loss"]))
+        return losses, jax.device_get(state.params), int(metrics["num_clicks"])
+
+    ref_losses, ref_params, _ = run(None)
+    for shape in [(8, 1), (4, 2)]:
+        losses, p, _ = run(shape)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(shape))
+        err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_params)))
+        assert err < 1e-5, (shape, err)
+        print(f"mesh {shape}: losses {losses} max |dparam| {err:.2e}")
+
+
+def test_sharded_step_matches_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("mesh (") == 2, proc.stdout
+
+
+if __name__ == "__main__":
+    _run_child()

@@ -1,0 +1,235 @@
+r"""Trains SkipClick (spec §4) with jitted iterative click simulation, then runs the NoC evaluation.
+
+  python train.py --config configs/tiny_synthetic.py --workdir runs/tiny
+  python train.py --config configs/skipclick.py --workdir runs/skipclick \
+      --config.data.root=/data/cocolvis --init-from dinov2_vitb14_reg4_pretrain.pth
+
+Config values are overridden with --config.<section>.<key>=<value>. Re-running with the same
+--workdir resumes from its latest readable checkpoint. The run directory holds checkpoints/
+(orbax, with config.json), tensorboard/, images/ (previews), metrics.jsonl and eval/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
+from skipclick_jax.train.summary import Writer, preview_image
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, previews, eval).")
+flags.DEFINE_string("init-from", None, "DINOv2 hub/timm backbone file or SkipClick checkpoint to start from.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+log = logging.getLogger("train")
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
+    """Trains for cfg.train.num_steps (resuming from `workdir`), then evaluates; returns the
+    final TrainState. Raises FloatingPointError on a non-finite loss (checkpoints stay good)."""
+    tc = cfg.train
+    if tc.distributed:
+        jax.distributed.initialize()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # ------------------------------------------------------------------ Mesh
+    mesh = sharding.make_mesh(tc.mesh.data, tc.mesh.fsdp)
+    if tc.batch_size % mesh.size or tc.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {mesh.size} "
+                         f"devices of mesh {dict(mesh.shape)} and by {jax.process_count()} processes")
+    steps_per_epoch = cfg.data.epoch_len // tc.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"data.epoch_len={cfg.data.epoch_len} < train.batch_size={tc.batch_size}")
+    num_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
+    log.info("mesh %s, %d steps (%d per epoch), global batch %d",
+             dict(mesh.shape), num_steps, steps_per_epoch, tc.batch_size)
+
+    # ------------------------------------------------------------------ Input
+    iterator = _train_iterator(cfg)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # ------------------------------------------------------------------ Model
+    model = _initial_model(cfg, init_from)
+    frozen_backbone = bool(cfg.model.backbone.frozen)
+    graphdef, params, frozen = state_lib.split_model(model, frozen_backbone)
+    del model
+    tx, schedule = optim.make_optimizer(tc, steps_per_epoch)
+    state = state_lib.init_state(params, tx, tc.seed)
+    log.info("%d trainable / %d frozen parameters", _count(params), _count(frozen))
+
+    # ------------------------------------------------------------------ Update
+    train_step = step_lib.make_train_step(
+        graphdef, tx, schedule, max_num_next_clicks=tc.max_num_next_clicks,
+        pred_thresh=tc.pred_thresh, **tc.loss)
+    train_step, state, frozen = sharding.jit_step(train_step, mesh, state, frozen)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    n_preview = min(tc.num_image_summaries, tc.batch_size)
+    preview = jax.jit(step_lib.make_preview_fn(
+        graphdef, num=n_preview, max_num_next_clicks=tc.max_num_next_clicks,
+        pred_thresh=tc.pred_thresh), out_shardings=replicated)
+    all_finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
+
+    # ------------------------------------------------------------------ Checkpoint
+    ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, config=cfg)
+    restored = ckpt.restore_latest(state, frozen, iterator)
+    if restored is not None:
+        state, frozen = restored
+        log.info("resumed from %s/%d", ckpt.directory, int(state.step))
+    start = int(state.step)
+
+    writer = Writer(workdir)
+    if start == 0 and tc.eval_untrained and cfg.data.eval_datasets:
+        _evaluate(cfg, graphdef, state, frozen, workdir / "eval" / "untrained", writer, 0)
+
+    # ------------------------------------------------------------------ Train loop
+    def check(step: int, metrics) -> dict[str, float]:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            ckpt.wait()
+            raise FloatingPointError(
+                f"non-finite loss {m['loss']} / grad_norm {m['grad_norm']} at step {step}; training "
+                f"stopped. Last good checkpoint: step {ckpt.latest_step} in {ckpt.directory}")
+        return m
+
+    metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
+    bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not is_main,
+               dynamic_ncols=True)
+    pending, last_log = None, (start, time.perf_counter())
+    try:
+        for step in range(start + 1, num_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = sharding.global_batch(next(iterator), batch_sharding)
+                state, metrics = train_step(state, frozen, batch)
+            if pending is not None:  # one step behind, so the host never waits for the device
+                check(*pending)
+            pending = (step, metrics)
+            bar.update()
+
+            if step % tc.log_every_steps == 0 or step == num_steps:
+                m = check(*pending)
+                now = time.perf_counter()
+                m["samples_per_sec"] = (step - last_log[0]) * tc.batch_size / (now - last_log[1])
+                last_log = (step, now)
+                writer.scalars(step, m)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.1e}",
+                                samples_s=f"{m['samples_per_sec']:.1f}")
+                if metrics_file:
+                    metrics_file.write(json.dumps(dict(step=step, **m)) + "\n")
+                    metrics_file.flush()
+
+            if tc.image_summary_every_steps > 0 and step % tc.image_summary_every_steps == 0:
+                p = jax.device_get(preview(state, frozen, batch))
+                writer.image(step, "train/preview", preview_image(**p))
+
+            if (tc.checkpoint_every_steps > 0 and step % tc.checkpoint_every_steps == 0) or step == num_steps:
+                check(*pending)
+                if not bool(all_finite(state.params)):
+                    raise FloatingPointError(
+                        f"non-finite parameters after step {step}; not saved. Last good checkpoint: "
+                        f"step {ckpt.latest_step} in {ckpt.directory}")
+                ckpt.save(state, frozen, iterator)
+        if pending is not None:
+            check(*pending)
+    finally:
+        bar.close()
+        ckpt.wait()
+        if metrics_file:
+            metrics_file.close()
+
+    # ------------------------------------------------------------------ Eval
+    if cfg.data.eval_datasets:
+        _evaluate(cfg, graphdef, state, frozen, workdir / "eval" / f"step_{num_steps}", writer, num_steps)
+        if is_main:
+            _print_tables(workdir / "eval")
+    writer.close()
+    ckpt.close()
+    return state
+
+
+def _train_iterator(cfg):
+    """The grain iterator of this process's part of each global batch."""
+    from skipclick_jax.data.pipeline import train_dataset
+    from skipclick_jax.data.points_sampler import MultiPointSampler
+    from skipclick_jax.data.synthetic import SyntheticConfig
+    from skipclick_jax.data.train_datasets import load_train_source
+
+    d = cfg.data
+    source = load_train_source(d.name, d.root or None, d.split, d.data_dir or None,
+                               synthetic=SyntheticConfig(**d.synthetic))
+    ds = train_dataset(
+        source, crop_size=d.crop_size, batch_size=cfg.train.batch_size // jax.process_count(),
+        seed=cfg.train.seed, num_workers=d.num_workers, epoch_len=d.epoch_len,
+        min_object_area=d.min_object_area, keep_background_prob=d.keep_background_prob,
+        stuff_prob=d.stuff_prob, sampler=MultiPointSampler(**d.points),
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    return iter(ds)
+
+
+def _initial_model(cfg, init_from: str | None) -> nnx.Module:
+    """A fresh model (spec §3 init), or weights from `init_from` (checked against cfg.model)."""
+    if init_from:
+        from skipclick_jax import checkpoint
+
+        model, _ = checkpoint.load(init_from, cfg, seed=cfg.train.seed)
+        return model
+    from skipclick_jax.model import build_model
+
+    return build_model(cfg.model, seed=cfg.train.seed)
+
+
+def _evaluate(cfg, graphdef, state, frozen, out: pathlib.Path, writer: Writer, step: int) -> dict:
+    """NoC evaluation of the current weights on cfg.data.eval_datasets, written to `out`."""
+    from skipclick_jax.data.eval_datasets import load_eval_dataset
+    from skipclick_jax.data.synthetic import SyntheticConfig
+    from skipclick_jax.evaluation.evaluate import evaluate
+
+    d = cfg.data
+    datasets = {}
+    for name in d.eval_datasets:
+        if name == "Synthetic":
+            datasets[name] = load_eval_dataset(name, data_dir=d.data_dir or None,
+                                               synthetic=SyntheticConfig(**d.synthetic))
+        elif name in d.eval_roots:
+            datasets[name] = d.eval_roots[name]
+        else:
+            raise ValueError(f"data.eval_roots has no folder for eval dataset {name!r} "
+                             f"(set --config.data.eval_roots or remove it from data.eval_datasets)")
+    model = nnx.merge(graphdef, state.params, frozen)
+    summary = evaluate(model, datasets, out, cfg.eval, data_dir=d.data_dir or None)
+    for name, s in summary.items():
+        writer.scalars(step, {f"noc{k}": v for k, v in s["noc"].items()}, prefix=f"eval/{name}")
+    return summary
+
+
+def _print_tables(eval_dir: pathlib.Path) -> None:
+    for table in sorted(eval_dir.glob("*/results.md"), key=lambda p: (p.parent.name != "untrained", p)):
+        print(f"\nNoC evaluation, {table.parent.name}:\n{table.read_text()}")
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS["init-from"].value)
+
+
+if __name__ == "__main__":
+    app.run(main)
