@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import pathlib
 import sys
@@ -22,7 +21,6 @@ import tempfile
 
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from convert_weights import CheckpointError, mapping
 from convert_weights.unpickler import load_pth
@@ -87,21 +85,16 @@ def _abstract_params(cfg, seed: int | None):
     return graphdef, state, nnx.to_pure_dict(state)
 
 
-def _check_tree(params: dict, reference: dict, source: str, prefix=()) -> None:
-    """Every leaf of `reference` (the model) exists in `params` with its shape; no extras."""
-    extra = set(params) - set(reference)
-    if extra:
-        raise CheckpointError(f"{source}: parameters not in the model: "
-                              f"{'.'.join(map(str, prefix + (sorted(map(str, extra))[0],)))}")
-    for k, ref in reference.items():
-        path = prefix + (k,)
-        if k not in params:
-            raise CheckpointError(f"{source}: model parameter {'.'.join(map(str, path))} is missing")
-        if isinstance(ref, dict):
-            _check_tree(params[k], ref, source, path)
-        elif tuple(params[k].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source}: {'.'.join(map(str, path))} has shape "
-                                  f"{tuple(params[k].shape)}, the model expects {tuple(ref.shape)}")
+def _check_tree(params: dict, reference: dict, source: str) -> None:
+    """`params` has exactly the leaves of `reference` (the model), with the same shapes."""
+    got = {k: tuple(v.shape) for k, v in mapping.flatten(params)}
+    want = {k: tuple(v.shape) for k, v in mapping.flatten(reference)}
+    for k in sorted(got.keys() ^ want.keys()):
+        problem = "is missing from the converted weights" if k in want else "is not in the model"
+        raise CheckpointError(f"{source}: parameter {k} {problem}")
+    for k, shape in want.items():
+        if got[k] != shape:
+            raise CheckpointError(f"{source}: {k} has shape {got[k]}, the model expects {shape}")
 
 
 def backbone_params(sd: dict, kind: str, cfg: ml_collections.ConfigDict, source: str) -> dict:
@@ -112,7 +105,8 @@ def backbone_params(sd: dict, kind: str, cfg: ml_collections.ConfigDict, source:
     """
     hub = mapping.timm_to_hub(sd) if kind == "timm" else mapping.fold_cls_position(sd)
     prefixed = {mapping.HUB_PREFIX + k: v for k, v in hub.items()}
-    params = mapping.state_dict_to_params(prefixed, cfg, source, prefix=mapping.HUB_PREFIX)
+    params = mapping.state_dict_to_params(prefixed, cfg, source, prefix=mapping.HUB_PREFIX,
+                                          progress=True)
     return params["feature_extractor"]
 
 
@@ -138,9 +132,7 @@ def import_weights(src, cfg: ml_collections.ConfigDict | None = None, fmt: str =
             raise CheckpointError(f"{source}: a bare state dict needs a model config (--config)")
         if cfg is None:
             cfg = mapping.model_config_from_state_dict(sd, entry, source)
-        params = mapping.state_dict_to_params(
-            {k: v for k, v in tqdm(sd.items(), desc="reading", unit="tensor", leave=False)},
-            cfg, source)
+        params = mapping.state_dict_to_params(sd, cfg, source, progress=True)
         graphdef, state, reference = _abstract_params(cfg, seed=None)
     elif kind in ("hub", "timm"):
         if cfg is None:
@@ -148,8 +140,6 @@ def import_weights(src, cfg: ml_collections.ConfigDict | None = None, fmt: str =
         backbone = backbone_params(sd, kind, cfg, source)
         graphdef, state, reference = _abstract_params(cfg, seed=seed)
         params = dict(reference, feature_extractor=backbone)
-    else:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     _check_tree(params, reference, source)
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graphdef, state)

@@ -20,6 +20,7 @@ import re
 
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from convert_weights import CheckpointError
 
@@ -169,13 +170,13 @@ def check_state_dict(sd: dict, layout: dict, source: str) -> None:
 
 
 def state_dict_to_params(sd: dict, cfg: ml_collections.ConfigDict, source: str,
-                         prefix: str = "") -> dict:
+                         prefix: str = "", progress: bool = False) -> dict:
     """Checked torch-layout state dict (the keys of `cfg` starting with `prefix`) -> nested pure
     dict of float32 numpy arrays in the JAX layout."""
     layout = {k: s for k, s in torch_layout(cfg).items() if k.startswith(prefix)}
     check_state_dict(sd, layout, source)
     params: dict = {}
-    for k in layout:
+    for k in tqdm(layout, desc="converting", unit="tensor", leave=False, disable=not progress):
         node = params
         path = jax_path(k, sd[k].ndim)
         for p in path[:-1]:
@@ -188,10 +189,10 @@ def params_to_state_dict(params: dict, cfg: ml_collections.ConfigDict) -> dict[s
     """Nested pure dict (JAX layout) -> OrderedDict in the original key order and layout."""
     out = collections.OrderedDict()
     for k, shape in torch_layout(cfg).items():
-        node = params
-        for p in jax_path(k, len(shape)):
+        node, path = params, jax_path(k, len(shape))
+        for p in path:
             if p not in node:
-                raise CheckpointError(f"model parameters have no '{'.'.join(map(str, jax_path(k, len(shape))))}' "
+                raise CheckpointError(f"model parameters have no '{'.'.join(map(str, path))}' "
                                       f"(torch key '{k}')")
             node = node[p]
         out[k] = to_torch(k, np.asarray(node))

@@ -24,10 +24,6 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STAGE_NAMES_FIXED = (
-    "fused", "click_embed", "encoder_out",
-    "pyramid_0", "pyramid_1", "pyramid_2", "pyramid_3", "head_logits", "logits",
-)
 UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
 
 

@@ -18,7 +18,8 @@ import sys
 import jax
 import numpy as np
 
-# Measured errors are ~10x below these on random O(1) weights (see tests/test_parity.py).
+# Max abs errors measured with random O(1) weights (activations up to ~10; tests/test_parity.py):
+# taps <= 1e-5 (ViT-B: <= 7.2e-6), encoder_out/pyramid <= 1.1e-5, head_logits/logits <= 2e-6.
 TOLERANCES = {
     "taps": 1e-5, "fused": 2e-5, "click_embed": 1e-5, "encoder_out": 5e-5,
     "pyramid": 5e-5, "head_logits": 5e-5, "logits": 1e-4,

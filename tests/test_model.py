@@ -128,7 +128,8 @@ def test_uint8_and_float_images_agree(tiny_model):
     img = np.random.default_rng(0).integers(0, 256, (1, 56, 70, 3), dtype=np.uint8)
     encode = jitted(tiny_model, "encode_image")
     a = encode(jnp.asarray(img))["fused"]
-    b = encode(jnp.asarray(img, jnp.float32) / 255.0)["fused"]
+    # uint8 is divided by 255 exactly as torch's ToTensor (true division, not x * (1/255)).
+    b = encode(jnp.asarray(img.astype(np.float32) / np.float32(255)))["fused"]
     np.testing.assert_array_equal(a, b)
 
 
