@@ -81,8 +81,10 @@ def main(argv=None) -> dict:
 
     model, cfg = checkpoint.load(args.checkpoint)
     cfg = ml_collections.ConfigDict(cfg)
-    if "eval" not in cfg:
-        cfg.eval = eval_defaults()
+    protocol = eval_defaults()  # fields missing from an older checkpoint's config take the defaults
+    if "eval" in cfg:
+        protocol.update(cfg.eval.to_dict())
+    cfg.eval = protocol
     for key, value in overrides:
         _override(cfg, key, value)
     if args.overlays is not None:

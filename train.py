@@ -26,6 +26,8 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from skipclick_jax.data.pipeline import make_global_batch
+from skipclick_jax.model import build_model
 from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
 from skipclick_jax.train.summary import Writer, preview_image
 
@@ -55,7 +57,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     steps_per_epoch = cfg.data.epoch_len // tc.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"data.epoch_len={cfg.data.epoch_len} < train.batch_size={tc.batch_size}")
-    num_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
+    num_steps = tc.num_steps if tc.num_steps >= 0 else tc.num_epochs * steps_per_epoch
     log.info("mesh %s, %d steps (%d per epoch), global batch %d",
              dict(mesh.shape), num_steps, steps_per_epoch, tc.batch_size)
 
@@ -64,32 +66,40 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     batch_sharding = sharding.batch_sharding(mesh)
 
     # ------------------------------------------------------------------ Model
-    model = _initial_model(cfg, init_from)
+    # Shapes only: the weights are initialised (or imported) below unless a checkpoint is restored.
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, seed=tc.seed))
     frozen_backbone = bool(cfg.model.backbone.frozen)
-    graphdef, params, frozen = state_lib.split_model(model, frozen_backbone)
-    del model
+    graphdef, params_shape, frozen_shape = state_lib.split_model(abstract_model, frozen_backbone)
     tx, schedule = optim.make_optimizer(tc, steps_per_epoch)
-    state = state_lib.init_state(params, tx, tc.seed)
-    log.info("%d trainable / %d frozen parameters", _count(params), _count(frozen))
+    state_shape = jax.eval_shape(lambda p: state_lib.init_state(p, tx, tc.seed), params_shape)
+    state_sharding = sharding.state_shardings(mesh, state_shape)
+    frozen_sharding = sharding.param_shardings(mesh, frozen_shape)
+    log.info("%d trainable / %d frozen parameters", _count(params_shape), _count(frozen_shape))
 
     # ------------------------------------------------------------------ Update
-    train_step = step_lib.make_train_step(
-        graphdef, tx, schedule, max_num_next_clicks=tc.max_num_next_clicks,
-        pred_thresh=tc.pred_thresh, **tc.loss)
-    train_step, state, frozen = sharding.jit_step(train_step, mesh, state, frozen)
-    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    train_step = sharding.jit_step(
+        step_lib.make_train_step(graphdef, tx, schedule, max_num_next_clicks=tc.max_num_next_clicks,
+                                 pred_thresh=tc.pred_thresh, **tc.loss),
+        mesh, state_sharding, frozen_sharding)
     n_preview = min(tc.num_image_summaries, tc.batch_size)
     preview = jax.jit(step_lib.make_preview_fn(
         graphdef, num=n_preview, max_num_next_clicks=tc.max_num_next_clicks,
-        pred_thresh=tc.pred_thresh), out_shardings=replicated)
+        pred_thresh=tc.pred_thresh), out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
     all_finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
 
     # ------------------------------------------------------------------ Checkpoint
     ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, config=cfg)
-    restored = ckpt.restore_latest(state, frozen, iterator)
+    restored = ckpt.restore_latest(sharding.with_shardings(state_shape, state_sharding),
+                                   sharding.with_shardings(frozen_shape, frozen_sharding), iterator)
     if restored is not None:
         state, frozen = restored
         log.info("resumed from %s/%d", ckpt.directory, int(state.step))
+    else:
+        _, params, frozen = state_lib.split_model(_initial_model(cfg, init_from), frozen_backbone)
+        if jax.tree.structure((params, frozen)) != jax.tree.structure((params_shape, frozen_shape)):
+            raise ValueError(f"--init-from {init_from}: its parameters do not match cfg.model")
+        state = state_lib.init_state(params, tx, tc.seed)
+        state, frozen = jax.device_put((state, frozen), (state_sharding, frozen_sharding))
     start = int(state.step)
 
     writer = Writer(workdir)
@@ -113,7 +123,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     try:
         for step in range(start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding.global_batch(next(iterator), batch_sharding)
+                batch = make_global_batch(next(iterator), batch_sharding)
                 state, metrics = train_step(state, frozen, batch)
             if pending is not None:  # one step behind, so the host never waits for the device
                 check(*pending)
@@ -185,10 +195,7 @@ def _initial_model(cfg, init_from: str | None) -> nnx.Module:
     if init_from:
         from skipclick_jax import checkpoint
 
-        model, _ = checkpoint.load(init_from, cfg, seed=cfg.train.seed)
-        return model
-    from skipclick_jax.model import build_model
-
+        return checkpoint.load(init_from, cfg, seed=cfg.train.seed)[0]
     return build_model(cfg.model, seed=cfg.train.seed)
 
 

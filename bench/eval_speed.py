@@ -31,7 +31,8 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         h, w = int(rng.integers(60, 130)), int(rng.integers(80, 180))
         yy, xx = np.mgrid[:h, :w]
-        gt = ((yy - rng.uniform(0.3, 0.7) * h) / (0.25 * h)) ** 2 + ((xx - rng.uniform(0.3, 0.7) * w) / (0.3 * w)) ** 2 < 1
+        cy, cx = rng.uniform(0.3, 0.7, 2) * (h, w)
+        gt = ((yy - cy) / (0.25 * h)) ** 2 + ((xx - cx) / (0.3 * w)) ** 2 < 1
         small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3)).astype(np.float32)
         image = np.clip(ndimage.zoom(small, (h / small.shape[0], w / small.shape[1], 1), order=1)[:h, :w]
                         + 60 * gt[..., None], 0, 255).astype(np.uint8)

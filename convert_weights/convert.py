@@ -89,9 +89,10 @@ def _check_tree(params: dict, reference: dict, source: str) -> None:
     """`params` has exactly the leaves of `reference` (the model), with the same shapes."""
     got = {k: tuple(v.shape) for k, v in mapping.flatten(params)}
     want = {k: tuple(v.shape) for k, v in mapping.flatten(reference)}
-    for k in sorted(got.keys() ^ want.keys()):
-        problem = "is missing from the converted weights" if k in want else "is not in the model"
-        raise CheckpointError(f"{source}: parameter {k} {problem}")
+    only = sorted(got.keys() ^ want.keys())
+    if only:
+        problem = "is missing from the converted weights" if only[0] in want else "is not in the model"
+        raise CheckpointError(f"{source}: parameter {only[0]} {problem}")
     for k, shape in want.items():
         if got[k] != shape:
             raise CheckpointError(f"{source}: {k} has shape {got[k]}, the model expects {shape}")

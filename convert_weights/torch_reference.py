@@ -45,14 +45,13 @@ class Dinov2Reg(nn.Module):
     `patch_embed`, `blocks` and `norm` are timm's modules, registered here so the keys are hub keys.
     """
 
-    def __init__(self, *, dim, depth, heads, patch, num_registers, pos_grid, mlp_ratio, **_):
+    def __init__(self, *, dim, num_registers, pos_grid, **cfg):
         super().__init__()
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        vit = timm_dinov2(dim=dim, depth=depth, heads=heads, patch=patch,
-                          num_registers=num_registers, pos_grid=pos_grid, mlp_ratio=mlp_ratio)
+        vit = timm_dinov2(dim=dim, num_registers=num_registers, pos_grid=pos_grid, **cfg)
         for name in ("cls_token", "reg_token", "pos_embed"):
             delattr(vit, name)
         self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm

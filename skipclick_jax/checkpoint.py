@@ -27,10 +27,6 @@ from skipclick_jax.model import SkipClick, build_model
 PARAMS, CONFIG = "params", "config.json"
 
 
-def _model_cfg(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    return config.model if "model" in config else config
-
-
 def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.ConfigDict, *,
          overwrite: bool = False) -> pathlib.Path:
     """Writes `model`'s parameters and `config` (full or model section) to directory `path`.
@@ -70,9 +66,10 @@ def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> 
     checkpointer = ocp.StandardCheckpointer()
     stored = checkpointer.metadata(params_dir).item_metadata
     flat_t, flat_s = dict(flatten(target)), dict(flatten(stored))
-    for key in sorted(flat_t.keys() ^ flat_s.keys()):
-        where = "the checkpoint" if key in flat_s else "the model config"
-        raise CheckpointError(f"{params_dir}: parameter {key} exists only in {where}")
+    only = sorted(flat_t.keys() ^ flat_s.keys())
+    if only:
+        where = "the checkpoint" if only[0] in flat_s else "the model config"
+        raise CheckpointError(f"{params_dir}: parameter {only[0]} exists only in {where}")
     for key, t in flat_t.items():
         if tuple(flat_s[key].shape) != tuple(t.shape):
             raise CheckpointError(f"{params_dir}: parameter {key} has shape {tuple(flat_s[key].shape)}"
@@ -87,7 +84,7 @@ def load_with_info(source: str | os.PathLike, config: ml_collections.ConfigDict 
                    fmt: str = "auto", seed: int = 0) -> tuple[SkipClick, ml_collections.ConfigDict, dict]:
     """Like `load`, plus an info dict (source, format, dtypes, tensors)."""
     from convert_weights import CheckpointError
-    from convert_weights.convert import import_weights
+    from convert_weights.convert import import_weights, model_section
 
     path = pathlib.Path(source)
     if path.is_dir():
@@ -101,13 +98,13 @@ def load_with_info(source: str | os.PathLike, config: ml_collections.ConfigDict 
                                   f"{CONFIG}, or train.py <step>/{PARAMS}/ and {CONFIG})")
         if config is None:
             config = config_lib.config_from_json((root / CONFIG).read_text())
-        model = _restore(params_dir, _model_cfg(config))
+        model = _restore(params_dir, model_section(config))
         leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
         dtypes = sorted({str(x.dtype) for x in leaves})
         return model, config, dict(source=str(params_dir), format=kind, dtypes=dtypes,
                                    tensors=len(leaves))
     model, model_cfg, info = import_weights(
-        path, _model_cfg(config) if config is not None else None, fmt=fmt, seed=seed)
+        path, model_section(config) if config is not None else None, fmt=fmt, seed=seed)
     return model, config if config is not None else config_lib.base_config(model_cfg), info
 
 

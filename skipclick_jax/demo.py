@@ -19,6 +19,7 @@ from PIL import Image
 from skipclick_jax import config_lib
 from skipclick_jax.model import build_model
 from skipclick_jax.predictor import Predictor
+from skipclick_jax.runtime import enable_compilation_cache
 from skipclick_jax.visualize import overlay
 
 ASSET = pathlib.Path(__file__).parent / "assets" / "demo.png"
@@ -32,6 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--image", default=str(ASSET))
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args(argv)
+    enable_compilation_cache()
 
     if args.checkpoint:
         from skipclick_jax.checkpoint import load

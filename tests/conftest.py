@@ -7,6 +7,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from skipclick_jax.runtime import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()
+
 
 @pytest.fixture(scope="session")
 def tiny_config():

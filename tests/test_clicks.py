@@ -56,7 +56,7 @@ def test_eval_clicker_matches_reference_over_a_click_sequence():
         # Predictions: random blobs plus garbage in the padding (must not matter).
         preds = rng.random((n, hb, wb)) < 0.5
         preds = ndimage.binary_opening(preds, iterations=1, structure=np.ones((1, 3, 3)))
-        rows, cols, pos = map(np.asarray, step(jnp.asarray(gts), jnp.asarray(preds), jnp.asarray(not_clicked), jnp.asarray(valid)))
+        rows, cols, pos = map(np.asarray, step(*map(jnp.asarray, (gts, preds, not_clicked, valid))))
         for i, (h, w) in enumerate(sizes):
             assert (rows[i], cols[i], pos[i]) == refs[i].click(preds[i, :h, :w]), i
             not_clicked[i, rows[i], cols[i]] = False

@@ -349,3 +349,21 @@ def test_cli_import_export_and_summary(released, ref, tmp_path, capsys):
     with pytest.raises(SystemExit) as help_exit:
         main(["--help"])
     assert help_exit.value.code == 0
+
+
+def test_import_and_safetensors_export_without_torch(released, tmp_path):
+    """The converter path (read .pth, convert, save, export .safetensors) never imports torch."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from skipclick_jax import checkpoint\n"
+        "from convert_weights.convert import export_weights\n"
+        f"model, cfg = checkpoint.load({str(released)!r})\n"
+        f"export_weights(model, cfg, {str(tmp_path / 'x.safetensors')!r})\n"
+        f"checkpoint.save({str(tmp_path / 'ckpt')!r}, model, cfg)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "x.safetensors").is_file() and (tmp_path / "ckpt" / "config.json").is_file()

@@ -47,7 +47,6 @@ def test_valid_mask_is_the_original_padding():
     """A mask padded into a larger bucket with `valid` gives the distances of the unpadded mask."""
     rng = np.random.default_rng(1)
     hb, wb = 40, 56
-    out = []
     refs = []
     valid = np.zeros((3, hb, wb), bool)
     masks = rng.random((3, hb, wb)) < 0.97  # padding is foreground: must not matter

@@ -43,7 +43,8 @@ PREDICTOR = Predictor(oracle_encode, oracle_decode, {"a": jnp.float32(3.0), "b":
 
 def make_sample(rng, h, w, i):
     yy, xx = np.mgrid[:h, :w]
-    gt = (((yy - rng.uniform(0.3, 0.7) * h) / (0.3 * h)) ** 2 + ((xx - rng.uniform(0.3, 0.7) * w) / (0.25 * w)) ** 2 < 1)
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    gt = ((yy - cy) / (0.3 * h)) ** 2 + ((xx - cx) / (0.25 * w)) ** 2 < 1
     gt = gt.astype(np.int32)
     gt[ndimage.binary_dilation(gt == 1) & (gt == 0) & (rng.random((h, w)) < 0.5)] = -1  # ignore band
     image = np.zeros((h, w, 3), np.uint8)
@@ -83,7 +84,8 @@ def reference_loop(sample, protocol, predictor):
         pos = [(s * r, s * c, i) for i, (r, c, q) in enumerate(clicks) if q]
         neg = [(s * r, s * c, i) for i, (r, c, q) in enumerate(clicks) if not q]
         num = max(len(pos), len(neg), 1)
-        pts = np.array(pos + [(-1, -1, -1)] * (num - len(pos)) + neg + [(-1, -1, -1)] * (num - len(neg)), np.float32)[None]
+        empty = [(-1, -1, -1)]
+        pts = np.array(pos + empty * (num - len(pos)) + neg + empty * (num - len(neg)), np.float32)[None]
         den = np.array([[h, w]], np.float32)
         prev = resize.bilinear_ac(prob, (s, s), channels_last=False)
         if protocol.flip:
@@ -104,7 +106,7 @@ def reference_loop(sample, protocol, predictor):
     return [list(c) for c in clicks], ious
 
 
-SIZES = [(30, 41), (17, 23), (41, 30), (9, 12)]  # one 48x48 bucket; batches of 3 leave 2 fillers
+SIZES = [(30, 41), (17, 23), (41, 30), (9, 12)]  # buckets of 48: one shape; of 16: four shapes
 FLIP = Protocol(size=28, max_clicks=8, target_iou=0.95)
 NOFLIP_ALL = Protocol(size=21, max_clicks=5, target_iou=1.01, flip=False)
 
@@ -117,7 +119,8 @@ def samples():
 
 @pytest.fixture(scope="module")
 def flip_results(samples):
-    return run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=48)
+    """Four buckets, none full: merged into batches padded to 48x32 (3 samples) and 32x48 (1)."""
+    return run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=16)
 
 
 def check_against_reference(samples, results, protocol):
@@ -149,7 +152,7 @@ def test_sharded_engine_equals_single_device(flip_results):
         from skipclick_jax.evaluation.engine import run_samples
         rng = np.random.default_rng(0)
         samples = [make_sample(rng, h, w, i) for i, (h, w) in enumerate(SIZES)]
-        res = run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=48)  # rounded up to 8
+        res = run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=48)  # one batch of 8
         print(json.dumps([[r["clicks"], r["inter"], r["union"]] for r in res]))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -161,7 +164,8 @@ def test_sharded_engine_equals_single_device(flip_results):
 
 
 def test_bucket_dim():
-    assert [bucket_dim(n, 64) for n in (1, 64, 65, 512, 513, 1024, 1025, 3000)] == [64, 64, 128, 512, 640, 1024, 1280, 3072]
+    sizes = (1, 64, 65, 512, 513, 1024, 1025, 3000)
+    assert [bucket_dim(n, 64) for n in sizes] == [64, 64, 128, 512, 640, 1024, 1280, 3072]
 
 
 def test_protocol_errors():
@@ -172,12 +176,10 @@ def test_protocol_errors():
 
 
 @pytest.mark.slow
-def test_skipclick_adapter_matches_reference_loop(samples):
-    from skipclick_jax.config_lib import tiny_model_config
+def test_skipclick_adapter_matches_reference_loop(samples, tiny_model):
     from skipclick_jax.evaluation.engine import skipclick_predictor
-    from skipclick_jax.model import build_model
 
-    predictor = skipclick_predictor(build_model(tiny_model_config(), seed=0))
+    predictor = skipclick_predictor(tiny_model)
     protocol = Protocol(size=28, max_clicks=3)
     results = run_samples(predictor, samples[:2], protocol, batch_size=2, bucket=48)
     for sample, res in zip(samples[:2], results):

@@ -44,8 +44,9 @@ def tiny_pair():
 
 
 @pytest.mark.parametrize("size,precision", [
-    ((224, 224), "highest"), ((168, 252), "highest"), ((224, 224), "default")])
+    ((224, 224), "highest"), ((168, 560), "highest"), ((224, 224), "default")])
 def test_tiny_every_stage(tiny_pair, size, precision):
+    """168x560 resamples both position grids up and down (DINOv2 37 -> 12x40, stack 16 -> 12x40)."""
     ref, model, _ = tiny_pair
     rows = assert_parity(ref, model, size, precision)
     assert {r["stage"] for r in rows} >= {"taps_3", "fused", "click_embed", "encoder_out",
@@ -136,7 +137,7 @@ def test_dump_stages_and_verify_cli(tiny_pair, tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", image=image[0].astype(np.float32), prev_mask=prev[0], points=points)
     assert dump_main(["--checkpoint", str(ckpt), "--inputs", str(tmp_path / "bad.npz"),
                       "--out", str(tmp_path / "x.npz")]) == 2
-    assert verify.main(["--checkpoint", str(ckpt), "--size", "168", "196"]) == 0
+    assert verify.main(["--checkpoint", str(ckpt), "--size", "224", "224"]) == 0
     assert "PASS" in capsys.readouterr().out
 
 

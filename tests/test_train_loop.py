@@ -1,5 +1,6 @@
 """train.py end to end on a small test_tiny: resume equals an uninterrupted run, a corrupted
-checkpoint is skipped, a NaN stops training with the last good checkpoint kept, previews are written.
+checkpoint is skipped, a NaN stops training with the last good checkpoint kept, --init-from a run
+directory starts from its weights, previews and TensorBoard events are written.
 
 All runs happen in one subprocess (a fresh JAX with a persistent compilation cache, so the resumed
 run reuses the first run's executable); the tests assert on its JSON report.
@@ -41,6 +42,10 @@ def _run_child(out: pathlib.Path) -> None:
     import importlib.util
 
     import jax
+    from flax import nnx
+
+    from skipclick_jax import checkpoint
+    from skipclick_jax.train.state import pick
 
     spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
     train = importlib.util.module_from_spec(spec)
@@ -57,6 +62,14 @@ def _run_child(out: pathlib.Path) -> None:
     report["a"] = _losses(a)
     report["pngs"] = len(list((a / "images").glob("*.png")))
     report["tensorboard"] = len(list((a / "tensorboard").glob("events.*")))
+
+    # --init-from a run directory: training starts from that run's latest parameters.
+    cfg.train.num_steps = 0
+    init = train.train_and_evaluate(cfg, out / "init", init_from=str(a))
+    cfg.train.num_steps = 4
+    want = pick(nnx.to_pure_dict(nnx.state(checkpoint.load(a)[0])), init.params)
+    report["init_from_equal"] = all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(init.params), jax.tree.leaves(want)))
 
     # Interrupted after step 3 whose checkpoint got corrupted: resumes from 2, runs 3 and 4.
     b = out / "b"
@@ -78,8 +91,6 @@ def _run_child(out: pathlib.Path) -> None:
         report["nan_error"] = None
     except FloatingPointError as e:
         report["nan_error"] = str(e)
-    from skipclick_jax import checkpoint
-
     model, _ = checkpoint.load(b)
     report["latest_after_nan"] = max(int(p.name) for p in (b / "checkpoints").iterdir() if p.name.isdigit())
     report["loaded_finite"] = bool(all(np.isfinite(x).all() for x in jax.tree.leaves(model)))
@@ -118,6 +129,10 @@ def test_nan_stops_training_and_keeps_last_good_checkpoint(report):
     assert "step 4" in report["nan_error"], report["nan_error"]
     assert report["latest_after_nan"] == 4
     assert report["loaded_finite"]
+
+
+def test_init_from_run_directory(report):
+    assert report["init_from_equal"]
 
 
 def test_summaries_are_written(report):

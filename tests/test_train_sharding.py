@@ -17,6 +17,7 @@ def _run_child() -> None:
     import jax
 
     from skipclick_jax import config_lib
+    from skipclick_jax.data.pipeline import make_global_batch
     from skipclick_jax.model import build_model
     from skipclick_jax.train import optim, sharding, state as st, step as sp
 
@@ -40,20 +41,23 @@ def _run_child() -> None:
         batches.append(dict(image=image, points=points, gt=gt))
 
     def run(mesh_shape):
-        # a copy: jit_step's device_put may alias the buffers that the donating step deletes
+        # a copy: device_put may alias the buffers that the donating step deletes
         state = st.init_state(jax.tree.map(np.array, params), tx, seed=0)
         if mesh_shape is None:
             step, f = jax.jit(train_step), frozen
         else:
             mesh = sharding.make_mesh(*mesh_shape)
-            step, state, f = sharding.jit_step(train_step, mesh, state, frozen)
+            state_sh = sharding.state_shardings(mesh, state)
+            frozen_sh = sharding.param_shardings(mesh, frozen)
+            step = sharding.jit_step(train_step, mesh, state_sh, frozen_sh)
+            state, f = jax.device_put((state, frozen), (state_sh, frozen_sh))
             if mesh_shape[1] > 1:  # fsdp really shards the parameters
                 specs = {x.sharding.spec for x in jax.tree.leaves(state.params)}
                 assert any("fsdp" in s for s in specs), specs
         losses = []
         for b in batches:
             if mesh_shape is not None:
-                b = sharding.global_batch(b, sharding.batch_sharding(mesh))
+                b = make_global_batch(b, sharding.batch_sharding(mesh))
             state, metrics = step(state, f, b)
             losses.append(float(metrics["loss"]))
         return losses, jax.device_get(state.params), int(metrics["num_clicks"])

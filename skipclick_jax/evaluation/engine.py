@@ -268,7 +268,8 @@ def _as_float_image(image: np.ndarray, sample_id: str) -> np.ndarray:
     return image.astype(np.float32)
 
 
-def make_batch(samples: list[dict], protocol: Protocol, shape: tuple[int, int], batch_size: int) -> dict[str, np.ndarray]:
+def make_batch(samples: list[dict], protocol: Protocol, shape: tuple[int, int],
+               batch_size: int) -> dict[str, np.ndarray]:
     """Pads `samples` ({'id', 'image' [H,W,3], 'gt' [H,W]}) into one bucket `shape`; fills up to
     `batch_size` with inactive samples. Returns the numpy batch of `run_batch`."""
     hb, wb = shape
@@ -314,6 +315,10 @@ def run_samples(
 ) -> list[dict]:
     """Evaluates every sample; returns per-sample results in input order.
 
+    Samples are grouped by padded shape (`bucket_dim` of height and width) into batches of
+    `batch_size` (rounded up to a multiple of the device count); the partly filled buckets left
+    at the end are merged into as few batches as possible.
+
     Each result: {'id', 'height', 'width', 'clicks': [[row, col, is_positive], ...],
     'inter': [...], 'union': [...]} (pixel counts per click run), plus 'mask' (final prediction,
     bool [H,W]) for the first `keep_masks` samples. `on_done(n)` reports n finished samples.
@@ -323,8 +328,7 @@ def run_samples(
     results: dict[int, dict] = {}
     queues: dict[tuple[int, int], list[tuple[int, dict]]] = {}
 
-    def flush(shape):
-        items = queues.pop(shape)
+    def run(items, shape):
         out = jax.device_get(runner(make_batch([x for _, x in items], protocol, shape, batch_size)))
         for j, (index, sample) in enumerate(items):
             n = int(out["num_clicks"][j])
@@ -346,9 +350,13 @@ def run_samples(
         shape = (bucket_dim(h, bucket), bucket_dim(w, bucket))
         queues.setdefault(shape, []).append((count - 1, sample))
         if len(queues[shape]) == batch_size:
-            flush(shape)
-    for shape in list(queues):
-        flush(shape)
+            run(queues.pop(shape), shape)
+    # Leftovers of all buckets share batches (smallest first), padded to the batch's largest bucket.
+    leftovers = [(shape, item) for shape in sorted(queues, key=lambda hw: hw[0] * hw[1]) for item in queues[shape]]
+    for start in range(0, len(leftovers), batch_size):
+        chunk = leftovers[start:start + batch_size]
+        shape = tuple(max(hw[d] for hw, _ in chunk) for d in (0, 1))
+        run([item for _, item in chunk], shape)
     return [results[i] for i in range(count)]
 
 

@@ -312,8 +312,8 @@ class SkipClick(nnx.Module):
         x = self.backbone_mix(fused, click_embed)
         grid = x.reshape(b, h, w, d)
         pyramid = []
-        for branch, tap in zip(self.neck.branches(), taps):
-            y = jnp.concatenate([grid, tap], axis=-1) if self.neck.skip_connections else grid
+        for i, branch in enumerate(self.neck.branches()):
+            y = jnp.concatenate([grid, taps[i]], axis=-1) if self.neck.skip_connections else grid
             pyramid.append(branch(y))
         head_logits = self.head(pyramid, dropout_rng)
         logits = resize.bilinear_ac(head_logits, prev_mask.shape[1:3])[..., 0]

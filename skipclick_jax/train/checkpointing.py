@@ -36,10 +36,6 @@ class _IteratorSnapshot:
         return self._state
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 class Checkpointer:
     """Saves/restores (TrainState, frozen params, data iterator) under `<workdir>/checkpoints`."""
 
@@ -68,7 +64,10 @@ class Checkpointer:
     def restore_latest(
         self, state: TrainState, frozen: dict[str, Any], iterator
     ) -> tuple[TrainState, dict[str, Any]] | None:
-        """Loads the newest readable step onto the shardings of `state`/`frozen`; None if none.
+        """Loads the newest readable step; None if there is none.
+
+        `state`/`frozen` are the targets: jax.ShapeDtypeStructs (or arrays) whose shardings the
+        restored arrays get.
 
         Model/optimizer arrays are read first into new arrays; only when they are complete is the
         iterator state applied, so a broken step never leaves anything half loaded. Broken steps
@@ -88,8 +87,8 @@ class Checkpointer:
         full = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(merge_dicts(state.params, frozen))),
-                train=ocp.args.StandardRestore(_abstract(train_like)),
+                params=ocp.args.StandardRestore(merge_dicts(state.params, frozen)),
+                train=ocp.args.StandardRestore(train_like),
             ),
         )
         if int(full.train["step"]) != step:

@@ -56,22 +56,17 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH_SPEC)
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's part of the batch ([B / process_count, ...] each) -> global sharded arrays."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """Abstract arrays (jax.ShapeDtypeStruct) of `tree` placed on `shardings` (restore targets)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def jit_step(step_fn, mesh: jax.sharding.Mesh, state: Any, frozen: Any):
-    """Places (state, frozen) on `mesh` and jits step_fn(state, frozen, batch) -> (state, metrics)
-    with explicit shardings (batch split over ('data', 'fsdp'), metrics replicated) and the state
-    donated. Returns (jitted step, placed state, placed frozen); the placed state may alias the
-    buffers of `state`, so the caller must not use `state` after the first step."""
-    state_sh = state_shardings(mesh, state)
-    frozen_sh = param_shardings(mesh, frozen)
-    jitted = jax.jit(
+def jit_step(step_fn, mesh: jax.sharding.Mesh, state_sharding: Any, frozen_sharding: Any):
+    """jax.jit of step_fn(state, frozen, batch) -> (state, metrics) with explicit shardings: the
+    batch split over ('data', 'fsdp'), metrics replicated, the state donated."""
+    return jax.jit(
         step_fn,
-        in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
-        out_shardings=(state_sh, NamedSharding(mesh, P())),
+        in_shardings=(state_sharding, frozen_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
-    return jitted, jax.device_put(state, state_sh), jax.device_put(frozen, frozen_sh)
