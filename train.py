@@ -26,7 +26,13 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from skipclick_jax.data.pipeline import make_global_batch
+from skipclick_jax import checkpoint
+from skipclick_jax.data.eval_datasets import load_eval_dataset
+from skipclick_jax.data.pipeline import make_global_batch, train_dataset
+from skipclick_jax.data.points_sampler import MultiPointSampler
+from skipclick_jax.data.synthetic import SyntheticConfig
+from skipclick_jax.data.train_datasets import load_train_source
+from skipclick_jax.evaluation.evaluate import evaluate
 from skipclick_jax.model import build_model
 from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
 from skipclick_jax.train.summary import Writer, preview_image
@@ -63,6 +69,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
 
     # ------------------------------------------------------------------ Input
     iterator = _train_iterator(cfg)
+    eval_datasets = _eval_datasets(cfg)
     batch_sharding = sharding.batch_sharding(mesh)
 
     # ------------------------------------------------------------------ Model
@@ -103,8 +110,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     start = int(state.step)
 
     writer = Writer(workdir)
-    if start == 0 and tc.eval_untrained and cfg.data.eval_datasets:
-        _evaluate(cfg, graphdef, state, frozen, workdir / "eval" / "untrained", writer, 0)
+    if start == 0 and tc.eval_untrained and eval_datasets:
+        _evaluate(cfg, eval_datasets, nnx.merge(graphdef, state.params, frozen),
+                  workdir / "eval" / "untrained", writer, 0)
 
     # ------------------------------------------------------------------ Train loop
     def check(step: int, metrics) -> dict[str, float]:
@@ -162,8 +170,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
             metrics_file.close()
 
     # ------------------------------------------------------------------ Eval
-    if cfg.data.eval_datasets:
-        _evaluate(cfg, graphdef, state, frozen, workdir / "eval" / f"step_{num_steps}", writer, num_steps)
+    if eval_datasets:
+        _evaluate(cfg, eval_datasets, nnx.merge(graphdef, state.params, frozen),
+                  workdir / "eval" / f"step_{num_steps}", writer, num_steps)
         if is_main:
             _print_tables(workdir / "eval")
     writer.close()
@@ -173,11 +182,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
 
 def _train_iterator(cfg):
     """The grain iterator of this process's part of each global batch."""
-    from skipclick_jax.data.pipeline import train_dataset
-    from skipclick_jax.data.points_sampler import MultiPointSampler
-    from skipclick_jax.data.synthetic import SyntheticConfig
-    from skipclick_jax.data.train_datasets import load_train_source
-
     d = cfg.data
     source = load_train_source(d.name, d.root or None, d.split, d.data_dir or None,
                                synthetic=SyntheticConfig(**d.synthetic))
@@ -193,34 +197,29 @@ def _train_iterator(cfg):
 def _initial_model(cfg, init_from: str | None) -> nnx.Module:
     """A fresh model (spec §3 init), or weights from `init_from` (checked against cfg.model)."""
     if init_from:
-        from skipclick_jax import checkpoint
-
         return checkpoint.load(init_from, cfg, seed=cfg.train.seed)[0]
     return build_model(cfg.model, seed=cfg.train.seed)
 
 
-def _evaluate(cfg, graphdef, state, frozen, out: pathlib.Path, writer: Writer, step: int) -> dict:
-    """NoC evaluation of the current weights on cfg.data.eval_datasets, written to `out`."""
-    from skipclick_jax.data.eval_datasets import load_eval_dataset
-    from skipclick_jax.data.synthetic import SyntheticConfig
-    from skipclick_jax.evaluation.evaluate import evaluate
-
-    d = cfg.data
-    datasets = {}
+def _eval_datasets(cfg) -> dict:
+    """name -> samples or folder for evaluate(); datasets without a folder are skipped (warning)."""
+    d, out = cfg.data, {}
     for name in d.eval_datasets:
         if name == "Synthetic":
-            datasets[name] = load_eval_dataset(name, data_dir=d.data_dir or None,
-                                               synthetic=SyntheticConfig(**d.synthetic))
-        elif name in d.eval_roots:
-            datasets[name] = d.eval_roots[name]
+            out[name] = load_eval_dataset(name, data_dir=d.data_dir or None,
+                                          synthetic=SyntheticConfig(**d.synthetic))
+        elif d.eval_roots.get(name):
+            out[name] = d.eval_roots[name]
         else:
-            raise ValueError(f"data.eval_roots has no folder for eval dataset {name!r} "
-                             f"(set --config.data.eval_roots or remove it from data.eval_datasets)")
-    model = nnx.merge(graphdef, state.params, frozen)
-    summary = evaluate(model, datasets, out, cfg.eval, data_dir=d.data_dir or None)
+            log.warning("eval dataset %s skipped: no folder in data.eval_roots.%s", name, name)
+    return out
+
+
+def _evaluate(cfg, datasets: dict, model: nnx.Module, out: pathlib.Path, writer: Writer, step: int):
+    """NoC evaluation of `model` (evaluation.evaluate), written to `out` and to TensorBoard."""
+    summary = evaluate(model, datasets, out, cfg.eval, data_dir=cfg.data.data_dir or None)
     for name, s in summary.items():
         writer.scalars(step, {f"noc{k}": v for k, v in s["noc"].items()}, prefix=f"eval/{name}")
-    return summary
 
 
 def _print_tables(eval_dir: pathlib.Path) -> None:

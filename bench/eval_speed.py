@@ -1,17 +1,28 @@
-"""Clicks per second of the batched, jitted NoC engine vs a per-sample loop in the original's style.
+"""Clicks per second of the jitted NoC engine (continuous batching) vs a per-sample loop in the
+original's style, on images that stop after very different numbers of clicks.
 
 The per-sample loop is what `evaluate_model.py NoBRS` does: per click, the NumPy/SciPy clicker at
 the original resolution, then the whole network (encoder included) on the image and its flip,
-with the resizes jitted per image size. Both paths run the same model on the same images; the
-script asserts identical clicks, IoUs and NoC, times a second (warm, compiled) pass of each and
-prints a table.
+with the resizes jitted per image size. The engine encodes each image once and refills a slot as
+soon as its sample is done; the whole-batch loop (`run_batch`, one batch at a time until its
+slowest sample is done) is timed too. All run the same model on the same images; the script
+asserts identical clicks, IoUs and NoC, times a warm (compiled) pass of each and prints a table.
 
-  python bench/eval_speed.py [--model tiny|full] [--images 8] [--size 112] [--clicks 20] [--batch 8]
+An untrained model never reaches the target IoU, so the network is guided by an oracle: each image
+hides its ground truth in channel 0 at a contrast drawn per image, and the logits are the
+oracle's, 2·#clicks·(c0 - 1/2) + (c1 - 1/2) with noise c1 in channel 1, plus 0.05 x the
+network's. An image of contrast 1.1·255/(4·k) is about right after k clicks, one of contrast 0
+never; the draw (CLICKS_NEEDED) makes most instances stop after 1-5 clicks and a few run long.
+The cost per click is the network's.
+
+  python bench/eval_speed.py [--model tiny|full] [--images 24] [--size 224] [--clicks 20] [--batch 8]
+                             [--bucket 64] [--no-whole-batch]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -20,12 +31,17 @@ import numpy as np
 from scipy import ndimage
 
 from skipclick_jax import config_lib, metrics, resize
-from skipclick_jax.evaluation.engine import Protocol, run_samples, skipclick_predictor
+from skipclick_jax.evaluation.engine import (Predictor, Protocol, bucket_dim, make_batch, make_runner, run_samples,
+                                             skipclick_predictor)
 from skipclick_jax.model import build_model
+
+CLICKS_NEEDED = np.array([1, 2, 3, 4, 6, 9, 14, 0])  # 0: hopeless (contrast 0)
+CLICKS_PROB = np.array([0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.1])
 
 
 def make_samples(n: int, seed: int = 0) -> list[dict]:
-    """n images of assorted sizes (about 0.6-1.4x of 96x128) with one elliptical object each."""
+    """n images of assorted sizes (about 0.6-1.4x of 96x128) with one elliptical object each;
+    channel 0 shows the object at a contrast drawn from CLICKS_NEEDED, channel 1 is noise."""
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(n):
@@ -33,11 +49,27 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
         yy, xx = np.mgrid[:h, :w]
         cy, cx = rng.uniform(0.3, 0.7, 2) * (h, w)
         gt = ((yy - cy) / (0.25 * h)) ** 2 + ((xx - cx) / (0.3 * w)) ** 2 < 1
-        small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3)).astype(np.float32)
-        image = np.clip(ndimage.zoom(small, (h / small.shape[0], w / small.shape[1], 1), order=1)[:h, :w]
-                        + 60 * gt[..., None], 0, 255).astype(np.uint8)
+        k = rng.choice(CLICKS_NEEDED, p=CLICKS_PROB)
+        contrast = int(np.ceil(1.1 * 255 / (4 * k))) if k else 0
+        image = np.stack([np.where(gt, 128 + contrast, 128 - contrast), rng.integers(0, 256, (h, w)),
+                          np.full((h, w), 128)], axis=-1).astype(np.uint8)
         samples.append({"id": f"bench{i}#0", "image": image, "gt": gt.astype(np.int32)})
     return samples
+
+
+def guided_predictor(net: Predictor) -> Predictor:
+    """The network's encode/decode plus an oracle reading the gt hidden in the image's channel 0."""
+
+    def encode(params, images):
+        return {"net": net.encode(params, images), "image": images}
+
+    def decode(params, enc, prev, points, point_denom):
+        image = enc["image"]
+        clicks = jnp.sum(points[..., 0] >= 0, axis=1, dtype=jnp.float32)[:, None, None]
+        oracle = 2.0 * clicks * (image[..., 0] - 0.5) + (image[..., 1] - 0.5)
+        return oracle + 0.05 * net.decode(params, enc["net"], prev, points, point_denom)
+
+    return Predictor(encode, decode, net.params)
 
 
 def _clicker_click(gt, pred, not_clicked):
@@ -110,47 +142,73 @@ def per_sample_loop(predictor, samples, protocol: Protocol) -> list[tuple[list, 
         out.append(([list(c) for c in clicks], ious))
     return out
 
+
+def whole_batch_loop(predictor, samples, protocol: Protocol, batch: int, bucket: int = 64) -> list[dict]:
+    """`run_batch` on consecutive batches of `batch` samples, each padded to its largest bucket."""
+    runner, out = make_runner(predictor, protocol), []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        shape = tuple(max(bucket_dim(np.shape(x["gt"])[d], bucket) for x in chunk) for d in (0, 1))
+        res = jax.device_get(runner(make_batch(chunk, protocol, shape, batch)))
+        out += [dict(clicks=[[r, c, bool(q)] for r, c, q in res["clicks"][j, :n].tolist()],
+                     inter=res["inter"][j, :n], union=res["union"][j, :n])
+                for j, n in enumerate(res["num_clicks"][:len(chunk)])]
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--size", type=int, default=112, help="network input size S (multiple of 14)")
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--size", type=int, default=224, help="network input size S (multiple of 14)")
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--bucket", type=int, default=64, help="padded-shape bucket (fewer shapes compile faster)")
+    parser.add_argument("--no-whole-batch", action="store_true", help="skip the (slow) whole-batch engine")
     args = parser.parse_args()
 
     cfg = config_lib.tiny_model_config() if args.model == "tiny" else config_lib.model_config()
-    predictor = skipclick_predictor(build_model(cfg, seed=0))
+    predictor = guided_predictor(skipclick_predictor(build_model(cfg, seed=0)))
     protocol = Protocol(size=args.size, max_clicks=args.clicks)
     samples = make_samples(args.images)
 
+    def as_ious(results):
+        return [(r["clicks"], list(metrics.ious_from_counts(r["inter"], r["union"]))) for r in results]
+
+    methods = (
+        ("refill engine", lambda p: as_ious(run_samples(predictor, samples, p, batch_size=args.batch,
+                                                        bucket=args.bucket))),
+        ("whole-batch engine", lambda p: as_ious(whole_batch_loop(predictor, samples, p, args.batch, args.bucket))),
+        ("per-sample loop", lambda p: per_sample_loop(predictor, samples, p)),
+    )
     rows = []
-    for name, run in (
-        ("batched jit engine", lambda: run_samples(predictor, samples, protocol, batch_size=args.batch)),
-        ("per-sample loop", lambda: per_sample_loop(predictor, samples, protocol)),
-    ):
-        run()  # compile
+    for name, run in methods:
+        if args.no_whole_batch and name.startswith("whole"):
+            continue
+        run(protocol if name.endswith("engine") else dataclasses.replace(protocol, max_clicks=1))  # compile
         start = time.perf_counter()
-        result = run()
+        result = run(protocol)
         seconds = time.perf_counter() - start
-        if name.startswith("batched"):
-            result = [(r["clicks"], list(metrics.ious_from_counts(r["inter"], r["union"]))) for r in result]
         rows.append((name, seconds, sum(len(c) for c, _ in result), result))
 
-    (_, _, _, engine), (_, _, _, loop) = rows
-    assert [c for c, _ in engine] == [c for c, _ in loop], "click sequences differ"
-    np.testing.assert_array_equal(np.concatenate([i for _, i in engine]), np.concatenate([i for _, i in loop]))
-    noc_engine, _ = metrics.noc([i for _, i in engine], max_clicks=args.clicks)
+    loop = rows[-1][3]
     noc_loop, _ = metrics.noc([i for _, i in loop], max_clicks=args.clicks)
-    assert noc_engine.tolist() == noc_loop.tolist(), (noc_engine, noc_loop)
+    for name, _, _, result in rows[:-1]:
+        assert [c for c, _ in result] == [c for c, _ in loop], f"{name}: click sequences differ"
+        np.testing.assert_array_equal(np.concatenate([i for _, i in result]), np.concatenate([i for _, i in loop]))
+        noc, _ = metrics.noc([i for _, i in result], max_clicks=args.clicks)
+        assert noc.tolist() == noc_loop.tolist(), (name, noc, noc_loop)
 
+    counts = np.bincount([len(c) for c, _ in loop], minlength=args.clicks + 1)[1:]
     print(f"model={args.model} S={args.size} images={args.images} batch={args.batch} "
-          f"devices={jax.device_count()} ({jax.devices()[0].platform}); NoC@80..95 = {noc_engine.tolist()}")
-    print(f"| {'method':<20} | {'clicks':>6} | {'seconds':>8} | {'clicks/s':>8} |")
-    print(f"|{'-' * 22}|{'-' * 8}|{'-' * 10}|{'-' * 10}|")
+          f"devices={jax.device_count()} ({jax.devices()[0].platform}); NoC@80..95 = {noc_loop.tolist()}")
+    print(f"instances per number of clicks 1..{args.clicks}: {counts.tolist()}")
+    print(f"| {'method':<20} | {'clicks':>6} | {'seconds':>8} | {'clicks/s':>8} | {'speed-up':>8} |")
+    print(f"|{'-' * 22}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
+    base = rows[-1][2] / rows[-1][1]
     for name, seconds, clicks, _ in rows:
-        print(f"| {name:<20} | {clicks:>6} | {seconds:>8.2f} | {clicks / seconds:>8.2f} |")
-    print(f"speed-up: {rows[1][1] / rows[0][1] * rows[0][2] / rows[1][2]:.1f}x")
+        rate = clicks / seconds
+        print(f"| {name:<20} | {clicks:>6} | {seconds:>8.2f} | {rate:>8.2f} | {rate / base:>7.1f}x |")
 
 
 if __name__ == "__main__":

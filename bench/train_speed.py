@@ -188,7 +188,7 @@ def main() -> None:
     if args.worker:
         return _worker(json.loads(args.worker))
 
-    print(f"{'row':<44} {'step s':>8} {'samples/s':>10} {'peak RSS MB':>12} {'XLA peak MB':>12}")
+    print(f"{'row':<52} {'step s':>8} {'samples/s':>10} {'peak RSS MB':>12} {'XLA peak MB':>12}")
     for name in args.rows.split(","):
         if name not in ROWS:
             raise SystemExit(f"--rows: unknown row {name!r}; choose from {list(ROWS)}")
@@ -196,15 +196,15 @@ def main() -> None:
             r = _spawn(kind, config, batch, crop, clicks, args.steps)
             label = f"{kind} {config[:-3]} B={batch} S={crop}" + (f" sim 0-{clicks}" if kind != "torch" else "")
             if "error" in r:
-                print(f"{label:<44} failed: {r['error']}")
+                print(f"{label:<52} failed: {r['error']}")
             elif kind == "sharded":
                 for mesh, m in r.items():
                     if isinstance(m, dict):
-                        print(f"{label + ' ' + mesh:<44} {m['step_s']:8.3f} {batch / m['step_s']:10.1f} "
+                        print(f"{label + ' ' + mesh:<52} {m['step_s']:8.3f} {batch / m['step_s']:10.1f} "
                               f"{r['peak_rss_mb']:12.0f} {'':>12} overhead {100 * m['overhead']:+.0f}%")
             else:
                 xla = f"{r['xla_peak_mb']:12.0f}" if "xla_peak_mb" in r else f"{'-':>12}"
-                print(f"{label:<44} {r['step_s']:8.3f} {r['samples_per_s']:10.2f} {r['peak_rss_mb']:12.0f} {xla}")
+                print(f"{label:<52} {r['step_s']:8.3f} {r['samples_per_s']:10.2f} {r['peak_rss_mb']:12.0f} {xla}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from skipclick_jax import metrics, resize
-from skipclick_jax.evaluation.engine import Predictor, Protocol, bucket_dim, run_samples
+from skipclick_jax.evaluation.engine import Predictor, Protocol, bucket_dim, make_batch, make_runner, run_samples
 
 RADIUS = 3.0
 
@@ -148,19 +148,56 @@ def test_sharded_engine_equals_single_device(flip_results):
     script = textwrap.dedent("""
         import json, numpy as np, jax
         assert jax.device_count() == 8
-        from tests.test_eval_engine import FLIP, PREDICTOR, SIZES, make_sample
+        from tests.test_eval_engine import FLIP, MIXED, PREDICTOR, SIZES, make_sample, mixed_samples
         from skipclick_jax.evaluation.engine import run_samples
         rng = np.random.default_rng(0)
         samples = [make_sample(rng, h, w, i) for i, (h, w) in enumerate(SIZES)]
         res = run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=48)  # one batch of 8
-        print(json.dumps([[r["clicks"], r["inter"], r["union"]] for r in res]))
+        mixed = run_samples(PREDICTOR, mixed_samples(), MIXED, batch_size=16, bucket=16)  # partial steps
+        print(json.dumps([[[r["clicks"], r["inter"], r["union"]] for r in x] for x in (res, mixed)]))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got, mixed = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == [[r["clicks"], r["inter"], r["union"]] for r in flip_results]
+    expected = run_samples(PREDICTOR, mixed_samples(), MIXED, batch_size=3, bucket=16)
+    assert mixed == [[r["clicks"], r["inter"], r["union"]] for r in expected]
+
+
+MIXED = Protocol(size=28, max_clicks=10, target_iou=0.95)
+
+
+def mixed_samples():
+    """12 samples in 4 buckets of 16 that stop after 2, 3, 5 or MIXED.max_clicks clicks."""
+    rng = np.random.default_rng(1)
+    sizes = [(30, 41), (17, 23), (41, 30), (20, 25), (33, 40), (30, 44), (18, 21), (45, 31), (25, 30), (36, 36),
+             (40, 28), (22, 19)]
+    samples = []
+    for i, (h, w) in enumerate(sizes):
+        sample = make_sample(rng, h, w, i)
+        contrast = 127 * (i % 4) // 3  # 0: the gt is hidden, 127: plain to see
+        sample["image"][..., 0] = np.where(sample["gt"] == 1, 128 + contrast, 128 - contrast)
+        samples.append(sample)
+    return samples
+
+
+def test_refill_engine_equals_whole_batch_loop():
+    """Slots refilled as samples finish (3 slots for 12 samples) give the clicks, counts and masks
+    of one whole-batch `run_batch`."""
+    protocol, samples, reported = MIXED, mixed_samples(), []
+    results = run_samples(PREDICTOR, samples, protocol, batch_size=3, bucket=16, keep_masks=len(samples),
+                          on_done=reported.append)
+    out = make_runner(PREDICTOR, protocol)(make_batch(samples, protocol, (48, 48), len(samples)))
+    assert sum(reported) == len(samples) and [r["id"] for r in results] == [s["id"] for s in samples]
+    assert {len(r["clicks"]) for r in results} >= {2, 3, 5, protocol.max_clicks}
+    for j, (sample, res) in enumerate(zip(samples, results)):
+        n, (h, w) = int(out["num_clicks"][j]), sample["gt"].shape
+        assert [[r, c, int(q)] for r, c, q in res["clicks"]] == np.asarray(out["clicks"][j, :n]).tolist()
+        assert res["inter"] == np.asarray(out["inter"][j, :n]).tolist()
+        assert res["union"] == np.asarray(out["union"][j, :n]).tolist()
+        np.testing.assert_array_equal(res["mask"], np.asarray(out["mask"][j, :h, :w]))
 
 
 def test_bucket_dim():

@@ -101,6 +101,7 @@ def _run_child(out: pathlib.Path) -> None:
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("train_loop")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,

@@ -11,6 +11,8 @@ import sys
 import numpy as np
 
 CROP, BATCH, STEPS = 56, 8, 2
+# Cheaper LLVM passes: these tests are compile-bound and run only a few tiny steps.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _run_child() -> None:
@@ -72,7 +74,8 @@ def _run_child() -> None:
 
 
 def test_sharded_step_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
+               JAX_PLATFORMS="cpu")
     root = pathlib.Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     proc = subprocess.run(

@@ -3,8 +3,11 @@
 Images are zero-padded at the bottom/right into shape buckets; each sample carries its real size
 (h, w), from which the validity mask and per-sample resize taps are made. Padding never changes a
 resize (its taps have weight 0), a distance (`edt` treats it as the original's zero border), a click
-or an IoU (it is ignored). Per batch, the images (and their flips) are encoded once; the while loop
-then runs only the per-click path until every sample reached the target IoU or `max_clicks`.
+or an IoU (it is ignored). Each image (and its flip) is encoded once, when it enters a slot of a
+fixed pool (`admit`); `step` then runs only the per-click path for the pool (`step_rows` for its
+live part when it is partly empty), and slots whose sample reached the target IoU or `max_clicks`
+are refilled with the next samples (continuous batching). `run_batch` is the same click on one
+batch under a while loop, until all are done.
 
 The per-click protocol of the original (BasePredictor + NoBRS, `--suppress-zoom`):
   clicker at the original resolution -> prev probability resized to S×S (bilinear,
@@ -133,31 +136,54 @@ def _host_taps(n_in: int, n_out: int, length: int) -> tuple[np.ndarray, np.ndarr
     return np.pad(idx, pad), np.pad(wts, pad)
 
 
-# ----------------------------------------------------------------------------- the jitted loop
-def run_batch(protocol: Protocol, encode, decode, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The whole click loop for one padded batch (pure; jit with `protocol`, `encode`, `decode` bound).
+# ----------------------------------------------------------------------------- the jitted click
+def init_state(protocol: Protocol, encode, params, batch: dict[str, jax.Array]) -> dict[str, Any]:
+    """Encodes a padded batch and makes its fresh click state (pure; jit with `protocol`, `encode` bound).
 
     batch: images [B,Hb,Wb,3] float32, gt [B,Hb,Wb] int32 {0,1,-1}, hw [B,2] int32 real sizes,
     active [B] bool (False = filler sample), and taps down_h/down_w [B,S,2] and up_h [B,Hb,2],
     up_w [B,Wb,2] (`*_idx` int32, `*_wts` float32).
-    Returns clicks [B,M,3] int32 (row, col, is_positive; -1 if not run), inter/union [B,M] int32
-    pixel counts, num_clicks [B] int32, mask [B,Hb,Wb] bool (final prediction).
+    The state holds the batch (minus images and active), `enc` (the encoding, leading dim 2B with
+    flip: originals then flips), prob [B,Hb,Wb] float32, not_clicked [B,Hb,Wb] bool, points
+    [B,2P,3], n_pos/n_neg/num_clicks [B] int32, done [B] bool, clicks [B,M,3], inter/union [B,M].
     """
+    m, p = protocol.max_clicks, protocol.points_per_polarity
+    b, hb, wb = batch["gt"].shape
+    image = _resize(batch["images"], (batch["down_h_idx"], batch["down_h_wts"]),
+                    (batch["down_w_idx"], batch["down_w_wts"]))
+    zeros_b = jnp.zeros((b,), jnp.int32)
+    return dict(
+        {k: v for k, v in batch.items() if k not in ("images", "active")},
+        enc=encode(params, jnp.concatenate([image, image[:, :, ::-1]]) if protocol.flip else image),
+        prob=jnp.zeros((b, hb, wb), jnp.float32),
+        not_clicked=jnp.ones((b, hb, wb), bool),
+        points=jnp.full((b, 2 * p, 3), -1, jnp.int32),
+        n_pos=zeros_b,
+        n_neg=zeros_b,
+        done=~batch["active"],
+        num_clicks=zeros_b,
+        clicks=jnp.full((b, m, 3), -1, jnp.int32),
+        inter=jnp.zeros((b, m), jnp.int32),
+        union=jnp.zeros((b, m), jnp.int32),
+    )
+
+
+def step(protocol: Protocol, decode, params, state: dict[str, Any]) -> dict[str, Any]:
+    """One click for every live (not done) sample of an `init_state` state (pure; jit with
+    `protocol`, `decode` bound). A sample is done once its IoU reaches the target or after M clicks;
+    its click k (= num_clicks before the step) is recorded at clicks/inter/union[:, k]."""
     s, m, p = protocol.size, protocol.max_clicks, protocol.points_per_polarity
-    gt = batch["gt"]
+    gt, enc = state["gt"], state["enc"]
     b, hb, wb = gt.shape
-    h, w = batch["hw"][:, 0], batch["hw"][:, 1]
-    taps = {k: (batch[f"{k}_idx"], batch[f"{k}_wts"]) for k in ("down_h", "down_w", "up_h", "up_w")}
+    h, w = state["hw"][:, 0], state["hw"][:, 1]
+    taps = {k: (state[f"{k}_idx"], state[f"{k}_wts"]) for k in ("down_h", "down_w", "up_h", "up_w")}
     rows = jax.lax.broadcasted_iota(jnp.int32, (b, hb, wb), 1)
     cols = jax.lax.broadcasted_iota(jnp.int32, (b, hb, wb), 2)
     valid = (rows < h[:, None, None]) & (cols < w[:, None, None])
     fg = gt == 1
     counted = (gt != -1) & valid
     iou_num, iou_den = protocol.target_fraction()
-
-    image = _resize(batch["images"], taps["down_h"], taps["down_w"])
     flip = lambda x: x[:, :, ::-1]  # noqa: E731
-    enc = encode(params, jnp.concatenate([image, flip(image)]) if protocol.flip else image)
     denom = jnp.stack([h, w], axis=1).astype(jnp.float32)
 
     def predict(prob, points):
@@ -176,52 +202,74 @@ def run_batch(protocol: Protocol, encode, decode, params, batch: dict[str, jax.A
             logits = decode(params, enc, prev, pts, denom)
         return _resize(jax.nn.sigmoid(logits)[..., None], taps["up_h"], taps["up_w"])[..., 0]
 
-    def cond(c):
-        return (c["k"] < m) & ~jnp.all(c["done"])
-
-    def body(c):
-        k, live = c["k"], ~c["done"]
-        row, col, pos = eval_next_click(gt, c["prob"] > protocol.thresh, c["not_clicked"], valid)
-        hit = (rows == row[:, None, None]) & (cols == col[:, None, None]) & live[:, None, None]
-        slot = jnp.where(pos, c["n_pos"], p + c["n_neg"])
-        write = (jnp.arange(2 * p)[None, :] == slot[:, None]) & live[:, None]
-        click = jnp.stack([row, col, jnp.broadcast_to(k, (b,))], axis=1)
-        points = jnp.where(write[..., None], click[:, None, :], c["points"])
-        prob = jnp.where(live[:, None, None], predict(c["prob"], points), c["prob"])
-        mask = prob > protocol.thresh
-        inter = jnp.sum(mask & fg & counted, axis=(1, 2), dtype=jnp.int32)
-        union = jnp.sum((mask | fg) & counted, axis=(1, 2), dtype=jnp.int32)
-        record = jnp.stack([row, col, pos.astype(jnp.int32)], axis=1)
-        reached = (union > 0) & _at_least(inter, union, iou_num, iou_den)
-        return dict(
-            k=k + 1,
-            prob=prob,
-            not_clicked=c["not_clicked"] & ~hit,
-            points=points,
-            n_pos=c["n_pos"] + (pos & live),
-            n_neg=c["n_neg"] + (~pos & live),
-            done=c["done"] | (live & reached),
-            num_clicks=c["num_clicks"] + live,
-            clicks=c["clicks"].at[:, k].set(jnp.where(live[:, None], record, -1)),
-            inter=c["inter"].at[:, k].set(jnp.where(live, inter, 0)),
-            union=c["union"].at[:, k].set(jnp.where(live, union, 0)),
-        )
-
-    zeros_b = jnp.zeros((b,), jnp.int32)
-    init = dict(
-        k=jnp.int32(0),
-        prob=jnp.zeros((b, hb, wb), jnp.float32),
-        not_clicked=jnp.ones((b, hb, wb), bool),
-        points=jnp.full((b, 2 * p, 3), -1, jnp.int32),
-        n_pos=zeros_b,
-        n_neg=zeros_b,
-        done=~batch["active"],
-        num_clicks=zeros_b,
-        clicks=jnp.full((b, m, 3), -1, jnp.int32),
-        inter=jnp.zeros((b, m), jnp.int32),
-        union=jnp.zeros((b, m), jnp.int32),
+    k, live = state["num_clicks"], ~state["done"]
+    row, col, pos = eval_next_click(gt, state["prob"] > protocol.thresh, state["not_clicked"], valid)
+    hit = (rows == row[:, None, None]) & (cols == col[:, None, None]) & live[:, None, None]
+    slot = jnp.where(pos, state["n_pos"], p + state["n_neg"])
+    write = (jnp.arange(2 * p)[None, :] == slot[:, None]) & live[:, None]
+    points = jnp.where(write[..., None], jnp.stack([row, col, k], axis=1)[:, None, :], state["points"])
+    prob = jnp.where(live[:, None, None], predict(state["prob"], points), state["prob"])
+    mask = prob > protocol.thresh
+    inter = jnp.sum(mask & fg & counted, axis=(1, 2), dtype=jnp.int32)
+    union = jnp.sum((mask | fg) & counted, axis=(1, 2), dtype=jnp.int32)
+    record = jnp.stack([row, col, pos.astype(jnp.int32)], axis=1)
+    reached = (union > 0) & _at_least(inter, union, iou_num, iou_den)
+    at_k = (jnp.arange(m)[None, :] == k[:, None]) & live[:, None]
+    return dict(
+        state,
+        prob=prob,
+        not_clicked=state["not_clicked"] & ~hit,
+        points=points,
+        n_pos=state["n_pos"] + (pos & live),
+        n_neg=state["n_neg"] + (~pos & live),
+        done=state["done"] | (live & (reached | (k + 1 >= m))),
+        num_clicks=k + live,
+        clicks=jnp.where(at_k[..., None], record[:, None, :], state["clicks"]),
+        inter=jnp.where(at_k, inter[:, None], state["inter"]),
+        union=jnp.where(at_k, union[:, None], state["union"]),
     )
-    out = jax.lax.while_loop(cond, body, init)
+
+
+def admit(protocol: Protocol, encode, params, state: dict[str, Any], batch: dict[str, jax.Array],
+          slots: jax.Array) -> dict[str, Any]:
+    """Encodes a new batch of N samples and puts their fresh state into pool rows `slots` [N] int32
+    (a slot >= the pool's B drops that sample, e.g. a filler). state: an `init_state` state of B rows."""
+    return _put(protocol, state, init_state(protocol, encode, params, batch), slots)
+
+
+def step_rows(protocol: Protocol, decode, params, state: dict[str, Any], rows: jax.Array) -> dict[str, Any]:
+    """`step` on the pool rows `rows` [N] int32 (distinct, < B) only; the other rows are left as
+    they are. Lets a partly live pool pay for N slots instead of B."""
+    def take(path, x):
+        return x[_enc_rows(protocol, rows, state["gt"].shape[0]) if path[0].key == "enc" else rows]
+
+    return _put(protocol, state, step(protocol, decode, params, jax.tree_util.tree_map_with_path(take, state)), rows)
+
+
+def _enc_rows(protocol: Protocol, rows: jax.Array, b: int) -> jax.Array:
+    """Rows [N] of a B-row state -> their rows in `enc` (originals, then flips at B + row)."""
+    return jnp.concatenate([rows, rows + b]) if protocol.flip else rows
+
+
+def _put(protocol: Protocol, state: dict[str, Any], new: dict[str, Any], rows: jax.Array) -> dict[str, Any]:
+    """state with rows `rows` [N] replaced by the N rows of `new` (rows >= B are dropped)."""
+    b = state["gt"].shape[0]
+    rows = jnp.where(rows < b, rows, 2 * b)
+
+    def put(path, pool, fresh):
+        return pool.at[_enc_rows(protocol, rows, b) if path[0].key == "enc" else rows].set(fresh, mode="drop")
+
+    return jax.tree_util.tree_map_with_path(put, state, new)
+
+
+def run_batch(protocol: Protocol, encode, decode, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The whole click loop for one padded batch (pure; jit with `protocol`, `encode`, `decode` bound):
+    `init_state`, then `step` until every sample is done. batch as in `init_state`.
+    Returns clicks [B,M,3] int32 (row, col, is_positive; -1 if not run), inter/union [B,M] int32
+    pixel counts, num_clicks [B] int32, mask [B,Hb,Wb] bool (final prediction).
+    """
+    out = jax.lax.while_loop(lambda c: ~jnp.all(c["done"]), functools.partial(step, protocol, decode, params),
+                             init_state(protocol, encode, params, batch))
     return dict(clicks=out["clicks"], inter=out["inter"], union=out["union"],
                 num_clicks=out["num_clicks"], mask=out["prob"] > protocol.thresh)
 
@@ -233,19 +281,34 @@ def _at_least(inter: jax.Array, union: jax.Array, p: int, q: int) -> jax.Array:
 
 
 @functools.cache
-def _jitted_run_batch(num_devices: int):
-    """`run_batch` jitted (protocol, encode, decode static); batch split over a 'data' mesh if > 1."""
+def _jitted(num_devices: int) -> dict[str, Callable]:
+    """`run_batch`, `step`, `step_rows`, `admit` and `_empty_pool` jitted (protocol and model
+    functions static; the pool is donated); the batch axis is split over a 'data' mesh if > 1 device."""
     if num_devices == 1:
-        return jax.jit(run_batch, static_argnums=(0, 1, 2))
-    mesh = jax.make_mesh((num_devices,), ("data",))
-    data = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(run_batch, static_argnums=(0, 1, 2), in_shardings=(replicated, data), out_shardings=data)
+        shard = lambda n: {}  # noqa: E731
+    else:
+        mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+        shard = lambda n: dict(in_shardings=(replicated,) + (data,) * n, out_shardings=data)  # noqa: E731
+    return dict(
+        run_batch=jax.jit(run_batch, static_argnums=(0, 1, 2), **shard(1)),
+        step=jax.jit(step, static_argnums=(0, 1), donate_argnums=3, **shard(1)),
+        step_rows=jax.jit(step_rows, static_argnums=(0, 1), donate_argnums=3, **shard(2)),
+        admit=jax.jit(admit, static_argnums=(0, 1), donate_argnums=3, **shard(3)),
+        empty_pool=jax.jit(_empty_pool, static_argnums=(0, 1), **shard(1)),
+    )
+
+
+def _empty_pool(protocol: Protocol, encode, params, batch: dict[str, jax.Array]) -> dict[str, Any]:
+    """A pool of inactive slots shaped like `init_state(batch)`, made without encoding."""
+    struct = jax.eval_shape(functools.partial(init_state, protocol, encode), params, batch)
+    pool = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), struct)
+    return dict(pool, hw=jnp.ones_like(pool["hw"]), done=jnp.ones_like(pool["done"]))
 
 
 def make_runner(predictor: Predictor, protocol: Protocol) -> Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]:
     """batch -> outputs of `run_batch`, jitted over all devices (compiled once per bucket shape)."""
-    jitted = _jitted_run_batch(jax.device_count())
+    jitted = _jitted(jax.device_count())["run_batch"]
     return lambda batch: jitted(protocol, predictor.encode, predictor.decode, predictor.params, batch)
 
 
@@ -303,6 +366,78 @@ def make_batch(samples: list[dict], protocol: Protocol, shape: tuple[int, int],
     return out
 
 
+_Item = tuple[int, dict]  # (input index, sample)
+
+
+def _padded(n: int, size: int) -> int:
+    """A batch for n of a pool's `size` slots: d·2^k >= n (d = device count) or `size`, so that
+    few batch sizes get compiled."""
+    d = jax.device_count()
+    return min(size, d * 2 ** max(0, math.ceil(math.log2(n / d))))
+
+
+class _Pool:
+    """`size` slots of one bucket `shape` on the devices (a `step` state) and the item in each slot."""
+
+    def __init__(self, predictor: Predictor, protocol: Protocol, shape: tuple[int, int], size: int):
+        self.predictor, self.protocol, self.shape = predictor, protocol, shape
+        self.fns = _jitted(jax.device_count())
+        self.items: list[_Item | None] = [None] * size
+        self.state = self.fns["empty_pool"](protocol, predictor.encode, predictor.params,
+                                            make_batch([], protocol, shape, size))
+
+    @property
+    def free(self) -> list[int]:
+        return [j for j, item in enumerate(self.items) if item is None]
+
+    @property
+    def live(self) -> int:
+        return len(self.items) - len(self.free)
+
+    def admit(self, items: list[_Item]) -> None:
+        """Encodes `items` (at most `len(self.free)`) into free slots (in a `_padded` batch)."""
+        if not items:
+            return
+        size = len(self.items)
+        n = _padded(len(items), size)
+        slots = np.full((n,), size, np.int32)
+        slots[:len(items)] = self.free[:len(items)]
+        for j, item in zip(slots, items):
+            self.items[j] = item
+        batch = make_batch([sample for _, sample in items], self.protocol, self.shape, n)
+        self.state = self.fns["admit"](self.protocol, self.predictor.encode, self.predictor.params,
+                                       self.state, batch, slots)
+
+    def step(self, keep_masks: int) -> list[tuple[int, dict]]:
+        """One click for every live slot (on a `_padded` subset of the pool); empties the slots
+        that finished -> [(index, result)]."""
+        p, free = self.protocol, self.free
+        live = [j for j, item in enumerate(self.items) if item is not None]
+        n = _padded(len(live), len(self.items))
+        if n == len(self.items):
+            self.state = self.fns["step"](p, self.predictor.decode, self.predictor.params, self.state)
+        else:
+            rows = np.array(live + free[:n - len(live)], np.int32)
+            self.state = self.fns["step_rows"](p, self.predictor.decode, self.predictor.params, self.state, rows)
+        done = jax.device_get(self.state["done"])
+        finished = [j for j, item in enumerate(self.items) if item is not None and done[j]]
+        if not finished:
+            return []
+        out = jax.device_get({k: self.state[k] for k in ("clicks", "inter", "union", "num_clicks")})
+        results = []
+        for j in finished:
+            (index, sample), k = self.items[j], int(out["num_clicks"][j])
+            h, w = np.shape(sample["gt"])
+            res = dict(id=sample["id"], height=h, width=w,
+                       clicks=[[int(r), int(c), bool(q)] for r, c, q in out["clicks"][j, :k]],
+                       inter=out["inter"][j, :k].tolist(), union=out["union"][j, :k].tolist())
+            if index < keep_masks:
+                res["mask"] = np.asarray(self.state["prob"][j, :h, :w] > p.thresh)
+            results.append((index, res))
+            self.items[j] = None
+        return results
+
+
 def run_samples(
     predictor: Predictor,
     samples: Iterable[dict],
@@ -313,50 +448,71 @@ def run_samples(
     keep_masks: int = 0,
     on_done: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Evaluates every sample; returns per-sample results in input order.
+    """Evaluates every sample with continuous batching; returns per-sample results in input order.
 
-    Samples are grouped by padded shape (`bucket_dim` of height and width) into batches of
-    `batch_size` (rounded up to a multiple of the device count); the partly filled buckets left
-    at the end are merged into as few batches as possible.
+    Samples are queued by padded shape (`bucket_dim` of height and width). Each shape has a pool
+    of `batch_size` slots (rounded up to a multiple of the device count); `step` runs one click for
+    all slots, and every slot whose sample finished is refilled at once with the next queued sample
+    of that shape (`admit` encodes only the new images). A pool runs while all its slots can be
+    kept busy, else waits (keeping its live slots) while the input is read on. At the end, the
+    leftovers go into free slots of pools they fit in (smallest leftovers first) or into one new
+    pool padded to their largest size, and partly empty pools click only their live slots.
 
     Each result: {'id', 'height', 'width', 'clicks': [[row, col, is_positive], ...],
     'inter': [...], 'union': [...]} (pixel counts per click run), plus 'mask' (final prediction,
     bool [H,W]) for the first `keep_masks` samples. `on_done(n)` reports n finished samples.
     """
-    runner = make_runner(predictor, protocol)
     batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
     results: dict[int, dict] = {}
-    queues: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    queues: dict[tuple[int, int], list[_Item]] = {}
+    pools: dict[tuple[int, int], _Pool] = {}
 
-    def run(items, shape):
-        out = jax.device_get(runner(make_batch([x for _, x in items], protocol, shape, batch_size)))
-        for j, (index, sample) in enumerate(items):
-            n = int(out["num_clicks"][j])
-            h, w = np.shape(sample["gt"])
-            res = dict(
-                id=sample["id"], height=h, width=w,
-                clicks=[[int(r), int(c), bool(q)] for r, c, q in out["clicks"][j, :n]],
-                inter=out["inter"][j, :n].tolist(), union=out["union"][j, :n].tolist(),
-            )
-            if index < keep_masks:
-                res["mask"] = out["mask"][j, :h, :w]
-            results[index] = res
-        if on_done is not None:
-            on_done(len(items))
+    def step(shape):
+        finished = pools[shape].step(keep_masks)
+        results.update(finished)
+        if finished and on_done is not None:
+            on_done(len(finished))
+        if not pools[shape].live:
+            del pools[shape]
+
+    def ready():
+        """A shape whose pool can keep every slot busy, else None."""
+        for shape, queue in queues.items():
+            if len(queue) + (pools[shape].live if shape in pools else 0) >= batch_size:
+                return shape
+        return None
 
     count = 0
-    for count, sample in enumerate(_with_ids(samples), start=1):
-        h, w = np.shape(sample["gt"])
-        shape = (bucket_dim(h, bucket), bucket_dim(w, bucket))
-        queues.setdefault(shape, []).append((count - 1, sample))
-        if len(queues[shape]) == batch_size:
-            run(queues.pop(shape), shape)
-    # Leftovers of all buckets share batches (smallest first), padded to the batch's largest bucket.
+    stream = enumerate(_with_ids(samples))
+    while True:
+        if (shape := ready()) is not None:
+            if shape not in pools:
+                pools[shape] = _Pool(predictor, protocol, shape, batch_size)
+            free = len(pools[shape].free)
+            pools[shape].admit(queues[shape][:free])
+            del queues[shape][:free]
+            step(shape)
+        elif (item := next(stream, None)) is not None:
+            count += 1
+            h, w = np.shape(item[1]["gt"])
+            queues.setdefault((bucket_dim(h, bucket), bucket_dim(w, bucket)), []).append(item)
+        else:
+            break
+
+    def fits(shape, pool_shape):
+        return shape[0] <= pool_shape[0] and shape[1] <= pool_shape[1]
+
     leftovers = [(shape, item) for shape in sorted(queues, key=lambda hw: hw[0] * hw[1]) for item in queues[shape]]
-    for start in range(0, len(leftovers), batch_size):
-        chunk = leftovers[start:start + batch_size]
-        shape = tuple(max(hw[d] for hw, _ in chunk) for d in (0, 1))
-        run([item for _, item in chunk], shape)
+    while leftovers or pools:
+        if any(not any(fits(shape, p) for p in pools) for shape, _ in leftovers):
+            big = tuple(max(hw[d] for hw, _ in leftovers) for d in (0, 1))
+            pools[big] = _Pool(predictor, protocol, big, batch_size)
+        for pool_shape, pool in sorted(pools.items(), key=lambda kv: kv[0][0] * kv[0][1]):
+            take = [i for i, (shape, _) in enumerate(leftovers) if fits(shape, pool_shape)][:len(pool.free)]
+            pool.admit([leftovers[i][1] for i in take])
+            leftovers = [x for i, x in enumerate(leftovers) if i not in take]
+        for shape in list(pools):
+            step(shape)
     return [results[i] for i in range(count)]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+EVAL_DATASETS = ("GrabCut", "Berkeley", "SBD", "DAVIS", "HQSeg44k")
+
 
 def train_defaults() -> ml_collections.ConfigDict:
     """The paper's recipe: Adam 5e-5, x0.1 at epoch 50, 55 epochs of 30000 // 32 = 937 steps.
@@ -41,7 +43,8 @@ def data_defaults() -> ml_collections.ConfigDict:
     `name`/`root`/`split` go to data.train_datasets.load_train_source, `points` to
     data.points_sampler.MultiPointSampler and `synthetic` to data.synthetic.SyntheticConfig (used by
     the 'Synthetic' train and eval sets). `eval_datasets` are evaluated (NoC) after training;
-    `eval_roots` maps each of them (except 'Synthetic') to its folder.
+    `eval_roots` maps each of them (except 'Synthetic') to its folder; one without a folder is
+    skipped with a warning (set e.g. --config.data.eval_roots.GrabCut=/data/GrabCut).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -66,7 +69,7 @@ def data_defaults() -> ml_collections.ConfigDict:
                 negative_probs=(0.1, 0.4, 0.5),  # background, other objects, border
             ),
             synthetic={},
-            eval_datasets=("GrabCut", "Berkeley", "SBD", "DAVIS", "HQSeg44k"),
-            eval_roots={},
+            eval_datasets=EVAL_DATASETS,
+            eval_roots={name: "" for name in EVAL_DATASETS},
         )
     )
