@@ -15,7 +15,8 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q -e ".[test,torch]"
   touch "$venv/.complete"
-else
-  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null
+elif ! log=$("$venv/bin/pip" install -q --no-deps --no-build-isolation -e . 2>&1); then
+  echo "$log" >&2
+  exit 1
 fi
 ln -sfn "$venv" .venv
