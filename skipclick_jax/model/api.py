@@ -28,14 +28,6 @@ def decode_fn(graphdef: nnx.GraphDef):
     return decode
 
 
-def split_trainable(model, frozen_backbone: bool):
-    """(graphdef, trainable_state, frozen_state): the DINOv2 params are frozen if asked."""
-    if frozen_backbone:
-        return nnx.split(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("feature_extractor"))), ...)
-    graphdef, state = nnx.split(model)
-    return graphdef, state, nnx.State({})
-
-
 def param_counts(model, depth: int = 1) -> dict[str, int]:
     """Number of parameters per module path prefix of `depth` components (and 'total')."""
     counts = collections.Counter()

@@ -8,13 +8,15 @@ per-click rest. All arrays are NHWC / [B, N, C] float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from skipclick_jax import resize
+from skipclick_jax import config_lib, resize
 from skipclick_jax.model.dinov2 import DinoV2, PatchEmbed
 from skipclick_jax.model.layers import (
     Attention, Conv, ConvTranspose, Linear, Mlp, gelu, group_norm, layer_norm, torch_uniform,
@@ -334,11 +336,20 @@ def forward_stages(model: SkipClick, images, prev_mask, points, point_denom=None
     return model.stages(images, prev_mask, points, point_denom)
 
 
+@functools.lru_cache(maxsize=16)
+def _initializer(cfg_json: str):
+    """(graphdef, jitted seed -> state) for one model config, compiled once per process."""
+    cfg = config_lib.config_from_json(cfg_json)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: SkipClick(cfg, rngs=nnx.Rngs(0))))
+    init = jax.jit(lambda key: nnx.state(SkipClick(cfg, rngs=nnx.Rngs(key))))
+    return graphdef, init
+
+
 def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> SkipClick:
     """A freshly initialised SkipClick (spec §3 initialisation) for the `model` config section.
 
-    The initialisation runs as one compiled computation (much faster than eager op-by-op init).
+    The initialisation runs as one compiled computation (much faster than eager op-by-op init),
+    compiled once per config and process.
     """
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: SkipClick(cfg, rngs=nnx.Rngs(seed))))
-    state = jax.jit(lambda: nnx.state(SkipClick(cfg, rngs=nnx.Rngs(seed))))()
-    return nnx.merge(graphdef, state)
+    graphdef, init = _initializer(config_lib.config_to_json(cfg))
+    return nnx.merge(graphdef, init(jax.random.key(seed)))
