@@ -78,6 +78,9 @@ def _override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
 def main(argv=None) -> dict:
     args, overrides, datasets = _parse(sys.argv[1:] if argv is None else argv)
     from skipclick_jax import checkpoint
+    from skipclick_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()
 
     model, cfg = checkpoint.load(args.checkpoint)
     cfg = ml_collections.ConfigDict(cfg)

@@ -34,6 +34,7 @@ from skipclick_jax.data.synthetic import SyntheticConfig
 from skipclick_jax.data.train_datasets import load_train_source
 from skipclick_jax.evaluation.evaluate import evaluate
 from skipclick_jax.model import build_model
+from skipclick_jax.runtime import enable_compilation_cache
 from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
 from skipclick_jax.train.summary import Writer, preview_image
 
@@ -234,6 +235,8 @@ def _count(tree) -> int:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+    enable_compilation_cache()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS["init-from"].value)
 
 
