@@ -67,7 +67,7 @@ def main() -> None:
     t_full = median_ms(lambda: full(state, images, prev, points), args.repeats)
     print(f"config {pathlib.Path(args.config).name} at {s}x{s}, backend {jax.default_backend()}, "
           f"{jax.device_count()} device(s)")
-    print(f"| path | GFLOPs | median ms |\n|---|---|---|")
+    print("| path | GFLOPs | median ms |\n|---|---|---|")
     print(f"| encode_image (once per image) | {f_enc / 1e9:.1f} | {t_enc:.1f} |")
     print(f"| decode_clicks (per click) | {f_dec / 1e9:.1f} | {t_dec:.1f} |")
     print(f"| unsplit forward | {f_full / 1e9:.1f} | {t_full:.1f} |")

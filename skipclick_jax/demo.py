@@ -12,7 +12,6 @@ import argparse
 import pathlib
 import time
 
-import jax
 import numpy as np
 from PIL import Image
 
@@ -49,8 +48,7 @@ def main(argv=None) -> None:
     predictor.set_image(image)  # compiles
     predictor.add_click(*DEMO_CLICKS[0])  # compiles the per-click path
     t0 = time.perf_counter()
-    predictor.set_image(image)
-    jax.block_until_ready(predictor._encoding)
+    predictor.set_image(image)  # returns once the encoding is computed
     print(f"image {image.shape[1]}x{image.shape[0]} -> {predictor.size}x{predictor.size}: "
           f"encode {1e3 * (time.perf_counter() - t0):.1f} ms")
     for k, (row, col, positive) in enumerate(DEMO_CLICKS, 1):

@@ -79,7 +79,7 @@ class Predictor:
             raise ValueError(f"image must be [H, W, 3] RGB, got shape {image.shape}")
         img = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
         self.height, self.width = image.shape[:2]
-        self._encoding = self._encode_jit(self._state, jnp.asarray(img))
+        self._encoding = jax.block_until_ready(self._encode_jit(self._state, jnp.asarray(img)))
         self._history = [_Step([], np.zeros((self.height, self.width), np.float32))]
 
     def add_click(self, row: int, col: int, positive: bool = True) -> np.ndarray:

@@ -19,7 +19,7 @@ from flax import nnx
 from skipclick_jax import config_lib, resize
 from skipclick_jax.model.dinov2 import DinoV2, PatchEmbed
 from skipclick_jax.model.layers import (
-    Attention, Conv, ConvTranspose, Linear, Mlp, gelu, group_norm, layer_norm, torch_uniform,
+    Attention, Conv, ConvTranspose, Linear, Mlp, gelu, group_norm, layer_norm,
 )
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
