@@ -187,7 +187,7 @@ def _train_iterator(cfg):
     source = load_train_source(d.name, d.root or None, d.split, d.data_dir or None,
                                synthetic=SyntheticConfig(**d.synthetic))
     ds = train_dataset(
-        source, crop_size=d.crop_size, batch_size=cfg.train.batch_size // jax.process_count(),
+        source, crop_size=cfg.model.crop_size, batch_size=cfg.train.batch_size // jax.process_count(),
         seed=cfg.train.seed, num_workers=d.num_workers, epoch_len=d.epoch_len,
         min_object_area=d.min_object_area, keep_background_prob=d.keep_background_prob,
         stuff_prob=d.stuff_prob, sampler=MultiPointSampler(**d.points),

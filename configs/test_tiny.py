@@ -6,6 +6,4 @@ from skipclick_jax import config_lib
 
 
 def get_config():
-    cfg = config_lib.base_config(config_lib.tiny_model_config())
-    cfg.data.crop_size = 224
-    return cfg
+    return config_lib.base_config(config_lib.tiny_model_config())

@@ -23,7 +23,7 @@ def get_config():
                      image_summary_every_steps=100, lr_milestones=(8,))
     cfg.train.optimizer.lr = 1e-3
 
-    cfg.data.update(name="Synthetic", crop_size=CROP, epoch_len=256, num_workers=0,
+    cfg.data.update(name="Synthetic", epoch_len=256, num_workers=0,
                     min_object_area=50, eval_datasets=("Synthetic",))
     cfg.data.synthetic = dict(image_size=(CROP, CROP), num_train=256, num_val=24)
 

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from skipclick_jax import config_lib
 from skipclick_jax.train import optim, sharding, step as sp
 from skipclick_jax.train.defaults import data_defaults, train_defaults
 from skipclick_jax.train.summary import preview_image
@@ -15,7 +16,8 @@ from skipclick_jax.train.summary import preview_image
 
 def test_recipe_and_schedule():
     t, d = train_defaults(), data_defaults()
-    assert (t.batch_size, t.num_epochs, d.epoch_len, d.crop_size) == (32, 55, 30000, 448)
+    assert (t.batch_size, t.num_epochs, d.epoch_len) == (32, 55, 30000)
+    assert config_lib.model_config().crop_size == 448  # the training crop is the model's crop size
     steps_per_epoch = d.epoch_len // t.batch_size
     assert steps_per_epoch == 937
     _, schedule = optim.make_optimizer(t, steps_per_epoch)

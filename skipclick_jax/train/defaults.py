@@ -52,7 +52,6 @@ def data_defaults() -> ml_collections.ConfigDict:
             root="",
             data_dir="",  # TFDS / cache directory ("" = the loader's default)
             split="train",
-            crop_size=448,
             epoch_len=30000,
             num_workers=4,
             stuff_prob=0.3,
