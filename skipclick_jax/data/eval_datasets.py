@@ -127,13 +127,7 @@ def _hqseg(root: pathlib.Path) -> Iterator[dict]:
 
 def _sbd(root: pathlib.Path) -> Iterator[dict]:
     """One sample per (val.txt image, nonzero instance id), ids ascending; mask = (map == id)."""
-    layout = fd.SBD_LAYOUT.format(split="val")
-    for name in fd.read_sbd_list(root, "val", "SBD"):
-        image_path = fd.require_file(root / "img" / f"{name}.jpg", "SBD", layout)
-        mat_path = fd.require_file(root / "inst" / f"{name}.mat", "SBD", layout)
-        data = image_path.read_bytes()
-        instances = fd.read_sbd_instances(mat_path)
-        fd.check_same_hw(instances.shape, fd.cv2_image_hw(data, image_path), mat_path, image_path)
+    for image_path, data, instances in fd.read_sbd_split(root, "val"):
         ids = np.unique(instances)
         for k, instance_id in enumerate(ids[ids != 0]):
             yield _record(image_path, k, data, instances == instance_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import pathlib
 import pickle
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -147,6 +148,18 @@ def read_sbd_instances(path: pathlib.Path) -> np.ndarray:
         return np.asarray(gtinst["Segmentation"][0, 0], np.int32)
     except (KeyError, ValueError, IndexError) as e:
         raise ValueError(f"SBD: {path} has no GTinst.Segmentation struct field ({e})") from e
+
+
+def read_sbd_split(root: pathlib.Path, split: str) -> Iterator[tuple[pathlib.Path, bytes, np.ndarray]]:
+    """(image path, image file bytes, int32 [H,W] instance map) per name of `<root>/<split>.txt`."""
+    layout = SBD_LAYOUT.format(split=split)
+    for name in read_sbd_list(root, split, "SBD"):
+        image_path = require_file(root / "img" / f"{name}.jpg", "SBD", layout)
+        mat_path = require_file(root / "inst" / f"{name}.mat", "SBD", layout)
+        data = image_path.read_bytes()
+        instances = read_sbd_instances(mat_path)
+        check_same_hw(instances.shape, cv2_image_hw(data, image_path), mat_path, image_path)
+        yield image_path, data, instances
 
 
 def read_sbd_list(root: pathlib.Path, split: str, dataset: str) -> list[str]:

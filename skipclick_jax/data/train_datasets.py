@@ -185,17 +185,13 @@ def _parents(hierarchy: dict, num_objects: int, where: str) -> np.ndarray:
 def _sbd(root: pathlib.Path, split: str) -> Iterator[dict]:
     """SBD in `<split>.txt` order; every nonzero instance id is an object, except "buggy" ones
     (area / bbox area < 0.08, zeroed as in the original's SBDDataset)."""
-    layout = fd.SBD_LAYOUT.format(split=split)
-    for name in fd.read_sbd_list(root, split, "SBD"):
-        image_path = fd.require_file(root / "img" / f"{name}.jpg", "SBD", layout)
-        mat_path = fd.require_file(root / "inst" / f"{name}.mat", "SBD", layout)
-        data = image_path.read_bytes()
-        instances = fd.read_sbd_instances(mat_path)
-        fd.check_same_hw(instances.shape, fd.cv2_image_hw(data, image_path), mat_path, image_path)
+    for image_path, data, instances in fd.read_sbd_split(root, split):
+        name = image_path.stem
         ids = np.unique(instances)
         ids = ids[ids != 0]
         if len(ids) and (ids.min() < 0 or ids.max() > 255):
-            raise ValueError(f"SBD: {mat_path} has instance ids outside 1..255: {ids.tolist()}")
+            raise ValueError(f"SBD: {root / 'inst' / f'{name}.mat'} has instance ids outside 1..255: "
+                             f"{ids.tolist()}")
         kept = []
         for instance_id in ids:
             rows, cols = np.nonzero(instances == instance_id)
