@@ -249,23 +249,17 @@ def test_missing_folder_names_path_and_layout(roots, tmp_path, data_dir):
         load_eval_dataset("DAVIS", tmp_path / "nowhere", data_dir)
 
 
-def test_unpaired_files_are_named(roots, tmp_path, data_dir):
-    root = shutil.copytree(roots["DAVIS"], tmp_path / "d1")
-    (root / "gt/bear.png").unlink()
-    with pytest.raises(LayoutError, match="image .*bear.jpg has no mask"):
-        load_eval_dataset("DAVIS", root, data_dir)
-    root = shutil.copytree(roots["DAVIS"], tmp_path / "d2")
-    (root / "img/boat.jpg").unlink()
-    with pytest.raises(LayoutError, match="mask .*boat.png has no image"):
-        load_eval_dataset("DAVIS", root, data_dir)
-    root = shutil.copytree(roots["SHSeg"], tmp_path / "s")
-    (root / "frame_b.jpg").unlink()
-    with pytest.raises(LayoutError, match="missing file .*frame_b.jpg"):
-        load_eval_dataset("SHSeg", root, data_dir)
-    root = shutil.copytree(roots["SBD"], tmp_path / "sbd")
-    (root / "inst/2008_000008.mat").unlink()
-    with pytest.raises(LayoutError, match="missing file .*inst/2008_000008.mat"):
-        load_eval_dataset("SBD", root, data_dir)
+@pytest.mark.parametrize("name,remove,message", [
+    ("DAVIS", "gt/bear.png", "image .*bear.jpg has no mask"),
+    ("DAVIS", "img/boat.jpg", "mask .*boat.png has no image"),
+    ("SHSeg", "frame_b.jpg", "missing file .*frame_b.jpg"),
+    ("SBD", "inst/2008_000008.mat", "missing file .*inst/2008_000008.mat"),
+])
+def test_unpaired_files_are_named(roots, tmp_path, data_dir, name, remove, message):
+    root = shutil.copytree(roots[name], tmp_path / name)
+    (root / remove).unlink()
+    with pytest.raises(LayoutError, match=message):
+        load_eval_dataset(name, root, data_dir)
 
 
 def test_mask_of_wrong_size_is_named(roots, tmp_path, data_dir):
