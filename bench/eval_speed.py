@@ -15,7 +15,12 @@ network's. An image of contrast 1.1·255/(4·k) is about right after k clicks, o
 never; the draw (CLICKS_NEEDED) makes most instances stop after 1-5 clicks and a few run long.
 The cost per click is the network's.
 
-  python bench/eval_speed.py [--model tiny|full] [--images 24] [--size 224] [--clicks 20] [--batch 8]
+The last line is the compute bound of the split: the per-sample loop pays the whole network (image
+and flip) per click, T_full; the engine pays the decode per click and the encode once per image, so
+with c clicks per instance it cannot beat T_full / (T_dec + T_enc / c), all three timed here on
+the same inputs at the engine's batch (network time only, no clicker or resizes).
+
+  python bench/eval_speed.py [--model tiny|full] [--images 24] [--size 224] [--clicks 20] [--batch B]
                              [--bucket 64] [--no-whole-batch]
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import time
 
 import jax
@@ -31,8 +37,8 @@ import numpy as np
 from scipy import ndimage
 
 from skipclick_jax import config_lib, metrics, resize
-from skipclick_jax.evaluation.engine import (Predictor, Protocol, bucket_dim, make_batch, make_runner, run_samples,
-                                             skipclick_predictor)
+from skipclick_jax.evaluation.engine import (Predictor, Protocol, bucket_dim, default_batch_size, make_batch, make_runner,
+                                             run_samples, skipclick_predictor)
 from skipclick_jax.model import build_model
 
 CLICKS_NEEDED = np.array([1, 2, 3, 4, 6, 9, 14, 0])  # 0: hopeless (contrast 0)
@@ -156,13 +162,39 @@ def whole_batch_loop(predictor, samples, protocol: Protocol, batch: int, bucket:
     return out
 
 
+def _median_s(fn, repeats: int = 5) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def network_times(predictor: Predictor, s: int, batch: int, points_per_polarity: int) -> dict[str, float]:
+    """Seconds per image: T_full (whole network on image + flip, the per-sample loop's click),
+    T_enc (encode of image + flip) and T_dec (decode of both), the last two at the engine's batch."""
+    images = jax.random.uniform(jax.random.key(0), (batch, s, s, 3))
+    prev = jnp.zeros((2 * batch, s, s))
+    points = jnp.full((2 * batch, 2 * points_per_polarity, 3), -1.0).at[:, 0].set(jnp.array([s / 2, s / 2, 0.0]))
+    denom = jnp.ones((2 * batch, 2), jnp.float32)
+    encode, decode = jax.jit(predictor.encode), jax.jit(predictor.decode)
+    both = jnp.concatenate([images, images[:, :, ::-1]])
+    enc = encode(predictor.params, both)
+    full = _median_s(lambda: _network_jit(predictor.encode, predictor.decode, s, predictor.params, images[:1],
+                                          prev[:1], points[:1], denom[:1]))
+    return dict(full=full, enc=_median_s(lambda: encode(predictor.params, both)) / batch,
+                dec=_median_s(lambda: decode(predictor.params, enc, prev, points, denom)) / batch)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--size", type=int, default=224, help="network input size S (multiple of 14)")
     parser.add_argument("--clicks", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="engine slots (default: 1 per device on CPU)")
     parser.add_argument("--bucket", type=int, default=64, help="padded-shape bucket (fewer shapes compile faster)")
     parser.add_argument("--no-whole-batch", action="store_true", help="skip the (slow) whole-batch engine")
     args = parser.parse_args()
@@ -171,14 +203,15 @@ def main():
     predictor = guided_predictor(skipclick_predictor(build_model(cfg, seed=0)))
     protocol = Protocol(size=args.size, max_clicks=args.clicks)
     samples = make_samples(args.images)
+    batch = args.batch or default_batch_size()
 
     def as_ious(results):
         return [(r["clicks"], list(metrics.ious_from_counts(r["inter"], r["union"]))) for r in results]
 
     methods = (
-        ("refill engine", lambda p: as_ious(run_samples(predictor, samples, p, batch_size=args.batch,
+        ("refill engine", lambda p: as_ious(run_samples(predictor, samples, p, batch_size=batch,
                                                         bucket=args.bucket))),
-        ("whole-batch engine", lambda p: as_ious(whole_batch_loop(predictor, samples, p, args.batch, args.bucket))),
+        ("whole-batch engine", lambda p: as_ious(whole_batch_loop(predictor, samples, p, batch, args.bucket))),
         ("per-sample loop", lambda p: per_sample_loop(predictor, samples, p)),
     )
     rows = []
@@ -200,7 +233,7 @@ def main():
         assert noc.tolist() == noc_loop.tolist(), (name, noc, noc_loop)
 
     counts = np.bincount([len(c) for c, _ in loop], minlength=args.clicks + 1)[1:]
-    print(f"model={args.model} S={args.size} images={args.images} batch={args.batch} "
+    print(f"model={args.model} S={args.size} images={args.images} batch={batch} "
           f"devices={jax.device_count()} ({jax.devices()[0].platform}); NoC@80..95 = {noc_loop.tolist()}")
     print(f"instances per number of clicks 1..{args.clicks}: {counts.tolist()}")
     print(f"| {'method':<20} | {'clicks':>6} | {'seconds':>8} | {'clicks/s':>8} | {'speed-up':>8} |")
@@ -209,6 +242,12 @@ def main():
     for name, seconds, clicks, _ in rows:
         rate = clicks / seconds
         print(f"| {name:<20} | {clicks:>6} | {seconds:>8.2f} | {rate:>8.2f} | {rate / base:>7.1f}x |")
+    t = network_times(predictor, args.size, batch, protocol.points_per_polarity)
+    per_instance = rows[-1][2] / len(samples)
+    bound = t["full"] / (t["dec"] + t["enc"] / per_instance)
+    print(f"compute bound: T_full {1e3 * t['full']:.1f} ms / (T_dec {1e3 * t['dec']:.1f} ms + T_enc "
+          f"{1e3 * t['enc']:.1f} ms / {per_instance:.2f} clicks per instance) = {bound:.2f}x; "
+          f"the refill engine reaches {rows[0][2] / rows[0][1] / base / bound:.0%} of it")
 
 
 if __name__ == "__main__":

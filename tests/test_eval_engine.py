@@ -13,7 +13,8 @@ import pytest
 from scipy import ndimage
 
 from skipclick_jax import metrics, resize
-from skipclick_jax.evaluation.engine import Predictor, Protocol, bucket_dim, make_batch, make_runner, run_samples
+from skipclick_jax.evaluation.engine import (Predictor, Protocol, bucket_dim, default_batch_size, make_batch, make_runner,
+                                             run_samples)
 
 RADIUS = 3.0
 
@@ -198,6 +199,19 @@ def test_refill_engine_equals_whole_batch_loop():
         assert res["inter"] == np.asarray(out["inter"][j, :n]).tolist()
         assert res["union"] == np.asarray(out["union"][j, :n]).tolist()
         np.testing.assert_array_equal(res["mask"], np.asarray(out["mask"][j, :h, :w]))
+
+
+def test_default_batch_size():
+    """One slot per device on CPU (8 elsewhere); the pool size never changes a click or a count."""
+    per_device = 1 if jax.default_backend() == "cpu" else 8
+    assert default_batch_size() == per_device * jax.device_count()
+    samples = mixed_samples()
+    auto = run_samples(PREDICTOR, samples, MIXED, bucket=16)
+    explicit = run_samples(PREDICTOR, samples, MIXED, batch_size=3, bucket=16)
+    assert [(r["clicks"], r["inter"], r["union"]) for r in auto] == [
+        (r["clicks"], r["inter"], r["union"]) for r in explicit]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run_samples(PREDICTOR, samples, MIXED, batch_size=0)
 
 
 def test_bucket_dim():

@@ -10,7 +10,8 @@ def eval_defaults() -> ml_collections.ConfigDict:
 
     `sizes` maps a dataset name to its square network input size S; names starting with a key
     ending in `*` match by prefix, anything else uses `default_size`. `bucket` is the granularity
-    (pixels) to which image heights/widths are padded so that a batch shares one shape.
+    (pixels) to which image heights/widths are padded so that a batch shares one shape;
+    `batch_size` 0 picks `engine.default_batch_size()` (1 per device on CPU, 8 on accelerators).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -22,7 +23,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
             sizes={"DAVIS": 672, "HQSeg44k": 896, "SHSeg": 896, "WSESeg_*": 896},
             noc_thresholds=(0.8, 0.85, 0.9, 0.95),
             points_per_polarity=20,
-            batch_size=8,
+            batch_size=0,
             bucket=64,
             overlays=0,
         )

@@ -72,7 +72,7 @@ def _evaluate_dataset(predictor, name, samples, protocol, cfg, folder, progress)
     n_overlays = int(cfg.overlays)
     bar = tqdm(total=_length(samples), desc=f"{name} (S={protocol.size})", unit="inst", disable=not progress)
     start = time.perf_counter()
-    results = run_samples(predictor, samples, protocol, batch_size=int(cfg.batch_size),
+    results = run_samples(predictor, samples, protocol, batch_size=int(cfg.batch_size) or None,
                           bucket=int(cfg.bucket), keep_masks=n_overlays, on_done=bar.update)
     seconds = time.perf_counter() - start
     bar.close()
