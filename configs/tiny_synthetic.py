@@ -27,5 +27,5 @@ def get_config():
                     min_object_area=50, eval_datasets=("Synthetic",))
     cfg.data.synthetic = dict(image_size=(CROP, CROP), num_train=256, num_val=24)
 
-    cfg.eval.update(default_size=CROP, batch_size=8, bucket=CROP // 4)
+    cfg.eval.update(default_size=CROP, bucket=CROP // 4)
     return cfg
