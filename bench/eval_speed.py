@@ -20,8 +20,11 @@ and flip) per click, T_full; the engine pays the decode per click and the encode
 with c clicks per instance it cannot beat T_full / (T_dec + T_enc / c), all three timed here on
 the same inputs at the engine's batch (network time only, no clicker or resizes).
 
+`--torch` also times the PyTorch reference (`convert_weights.torch_reference`, the original's
+network) on the per-sample loop's click, to relate the JAX loop to the original code.
+
   python bench/eval_speed.py [--model tiny|full] [--images 24] [--size 224] [--clicks 20] [--batch B]
-                             [--bucket 64] [--no-whole-batch]
+                             [--bucket 64] [--no-whole-batch] [--torch]
 """
 
 from __future__ import annotations
@@ -37,8 +40,16 @@ import numpy as np
 from scipy import ndimage
 
 from skipclick_jax import config_lib, metrics, resize
-from skipclick_jax.evaluation.engine import (Predictor, Protocol, bucket_dim, default_batch_size, make_batch, make_runner,
-                                             run_samples, skipclick_predictor)
+from skipclick_jax.evaluation.engine import (
+    Predictor,
+    Protocol,
+    bucket_dim,
+    default_batch_size,
+    make_batch,
+    make_runner,
+    run_samples,
+    skipclick_predictor,
+)
 from skipclick_jax.model import build_model
 
 CLICKS_NEEDED = np.array([1, 2, 3, 4, 6, 9, 14, 0])  # 0: hopeless (contrast 0)
@@ -188,6 +199,20 @@ def network_times(predictor: Predictor, s: int, batch: int, points_per_polarity:
                 dec=_median_s(lambda: decode(predictor.params, enc, prev, points, denom)) / batch)
 
 
+def torch_full_time(cfg, s: int, points_per_polarity: int) -> float:
+    """Seconds of the PyTorch reference's whole network on an image and its flip (one original click)."""
+    import torch
+
+    from convert_weights.torch_reference import build_reference
+
+    ref = build_reference(cfg)
+    x = torch.rand(2, 4, s, s)
+    points = torch.full((2, 2 * points_per_polarity, 3), -1.0, dtype=torch.float64)
+    points[:, 0] = torch.tensor([s / 2, s / 2, 0.0])
+    with torch.no_grad():
+        return _median_s(lambda: ref(x, points)["instances"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("tiny", "full"), default="tiny")
@@ -197,6 +222,7 @@ def main():
     parser.add_argument("--batch", type=int, default=None, help="engine slots (default: 1 per device on CPU)")
     parser.add_argument("--bucket", type=int, default=64, help="padded-shape bucket (fewer shapes compile faster)")
     parser.add_argument("--no-whole-batch", action="store_true", help="skip the (slow) whole-batch engine")
+    parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference network")
     args = parser.parse_args()
 
     cfg = config_lib.tiny_model_config() if args.model == "tiny" else config_lib.model_config()
@@ -248,6 +274,10 @@ def main():
     print(f"compute bound: T_full {1e3 * t['full']:.1f} ms / (T_dec {1e3 * t['dec']:.1f} ms + T_enc "
           f"{1e3 * t['enc']:.1f} ms / {per_instance:.2f} clicks per instance) = {bound:.2f}x; "
           f"the refill engine reaches {rows[0][2] / rows[0][1] / base / bound:.0%} of it")
+    if args.torch:
+        t_torch = torch_full_time(cfg, args.size, protocol.points_per_polarity)
+        print(f"PyTorch reference, whole network on image + flip: {1e3 * t_torch:.1f} ms "
+              f"({t_torch / t['full']:.2f}x the JAX T_full)")
 
 
 if __name__ == "__main__":
