@@ -24,7 +24,7 @@ the same inputs at the engine's batch (network time only, no clicker or resizes)
 network) on the per-sample loop's click, to relate the JAX loop to the original code.
 
   python bench/eval_speed.py [--model tiny|full] [--images 24] [--size 224] [--clicks 20] [--batch B]
-                             [--bucket 64] [--no-whole-batch] [--torch]
+                             [--bucket 64] [--no-whole-batch] [--torch] [--all-clicks]
 """
 
 from __future__ import annotations
@@ -223,11 +223,13 @@ def main():
     parser.add_argument("--bucket", type=int, default=64, help="padded-shape bucket (fewer shapes compile faster)")
     parser.add_argument("--no-whole-batch", action="store_true", help="skip the (slow) whole-batch engine")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference network")
+    parser.add_argument("--all-clicks", action="store_true",
+                        help="run every instance for all clicks (target IoU 1.01, as the original's --print-ious)")
     args = parser.parse_args()
 
     cfg = config_lib.tiny_model_config() if args.model == "tiny" else config_lib.model_config()
     predictor = guided_predictor(skipclick_predictor(build_model(cfg, seed=0)))
-    protocol = Protocol(size=args.size, max_clicks=args.clicks)
+    protocol = Protocol(size=args.size, max_clicks=args.clicks, target_iou=1.01 if args.all_clicks else 0.95)
     samples = make_samples(args.images)
     batch = args.batch or default_batch_size()
 
