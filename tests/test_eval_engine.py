@@ -13,8 +13,15 @@ import pytest
 from scipy import ndimage
 
 from skipclick_jax import metrics, resize
-from skipclick_jax.evaluation.engine import (Predictor, Protocol, bucket_dim, default_batch_size, make_batch, make_runner,
-                                             run_samples)
+from skipclick_jax.evaluation.engine import (
+    Predictor,
+    Protocol,
+    bucket_dim,
+    default_batch_size,
+    make_batch,
+    make_runner,
+    run_samples,
+)
 
 RADIUS = 3.0
 
