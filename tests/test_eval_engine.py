@@ -221,6 +221,39 @@ def test_default_batch_size():
         run_samples(PREDICTOR, samples, MIXED, batch_size=0)
 
 
+def multi_instance_samples():
+    """3 images with 3 instances each (ids '<image>#k', as the SBD/WSESeg/SHSeg loaders make them),
+    then an image reusing the key 'im0' with one pixel changed, which must be encoded anew."""
+    rng = np.random.default_rng(5)
+    samples = []
+    for i, (h, w) in enumerate([(30, 41), (25, 30), (36, 36)]):
+        base = make_sample(rng, h, w, i)
+        for k in range(3):
+            other = make_sample(np.random.default_rng(10 * i + k), h, w, i)
+            samples.append({"id": f"im{i}#{k}", "image": base["image"], "gt": other["gt"]})
+    changed = samples[0]["image"].copy()
+    changed[0, 0, 2] += 1
+    return samples + [{"id": "im0#3", "image": changed, "gt": samples[0]["gt"]}]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_instances_of_one_image_share_its_encoding(batch_size):
+    """Each distinct image is encoded once however its instances meet the pool (one after the
+    other, or admitted together), and the clicks and IoUs stay those of the per-sample loop."""
+    encoded = []
+
+    def counting_encode(params, images):
+        jax.debug.callback(lambda n: encoded.append(int(n)), images.shape[0])
+        return oracle_encode(params, images)
+
+    predictor = Predictor(counting_encode, oracle_decode, PREDICTOR.params)
+    samples = multi_instance_samples()
+    results = run_samples(predictor, samples, MIXED, batch_size=batch_size, bucket=48)
+    jax.effects_barrier()
+    assert sum(encoded) == 2 * 4  # 4 distinct images, each with its flip
+    check_against_reference(samples, results, MIXED)
+
+
 def test_bucket_dim():
     sizes = (1, 64, 65, 512, 513, 1024, 1025, 3000)
     assert [bucket_dim(n, 64) for n in sizes] == [64, 64, 128, 512, 640, 1024, 1280, 3072]

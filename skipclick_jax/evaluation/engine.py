@@ -4,7 +4,7 @@ Images are zero-padded at the bottom/right into shape buckets; each sample carri
 (h, w), from which the validity mask and per-sample resize taps are made. Padding never changes a
 resize (its taps have weight 0), a distance (`edt` treats it as the original's zero border), a click
 or an IoU (it is ignored). Each image (and its flip) is encoded once, when it enters a slot of a
-fixed pool (`admit`); `step` then runs only the per-click path for the pool (`step_rows` for its
+fixed pool (`admit`; further instances of the same image copy that encoding, `admit_shared`); `step` then runs only the per-click path for the pool (`step_rows` for its
 live part when it is partly empty), and slots whose sample reached the target IoU or `max_clicks`
 are refilled with the next samples (continuous batching). `run_batch` is the same click on one
 batch under a while loop, until all are done.
@@ -237,6 +237,14 @@ def admit(protocol: Protocol, encode, params, state: dict[str, Any], batch: dict
     return _put(protocol, state, init_state(protocol, encode, params, batch), slots)
 
 
+def admit_shared(protocol: Protocol, state: dict[str, Any], batch: dict[str, jax.Array], slots: jax.Array,
+                 src: jax.Array) -> dict[str, Any]:
+    """`admit` for samples whose image is already encoded in pool rows `src` [N] int32: the
+    encodings are copied (read before any row is written), nothing is encoded."""
+    enc = jax.tree.map(lambda x: x[_enc_rows(protocol, src, state["gt"].shape[0])], state["enc"])
+    return _put(protocol, state, init_state(protocol, lambda params, images: enc, None, batch), slots)
+
+
 def step_rows(protocol: Protocol, decode, params, state: dict[str, Any], rows: jax.Array) -> dict[str, Any]:
     """`step` on the pool rows `rows` [N] int32 (distinct, < B) only; the other rows are left as
     they are. Lets a partly live pool pay for N slots instead of B."""
@@ -282,19 +290,22 @@ def _at_least(inter: jax.Array, union: jax.Array, p: int, q: int) -> jax.Array:
 
 @functools.cache
 def _jitted(num_devices: int) -> dict[str, Callable]:
-    """`run_batch`, `step`, `step_rows`, `admit` and `_empty_pool` jitted (protocol and model
-    functions static; the pool is donated); the batch axis is split over a 'data' mesh if > 1 device."""
+    """`run_batch`, `step`, `step_rows`, `admit`, `admit_shared` and `_empty_pool` jitted (protocol
+    and model functions static; the pool is donated); the batch axis is split over a 'data' mesh if
+    > 1 device."""
     if num_devices == 1:
-        shard = lambda n: {}  # noqa: E731
+        shard = lambda n, params=True: {}  # noqa: E731
     else:
         mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
         data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-        shard = lambda n: dict(in_shardings=(replicated,) + (data,) * n, out_shardings=data)  # noqa: E731
+        shard = lambda n, params=True: dict(  # noqa: E731
+            in_shardings=(replicated,) * params + (data,) * n, out_shardings=data)
     return dict(
         run_batch=jax.jit(run_batch, static_argnums=(0, 1, 2), **shard(1)),
         step=jax.jit(step, static_argnums=(0, 1), donate_argnums=3, **shard(1)),
         step_rows=jax.jit(step_rows, static_argnums=(0, 1), donate_argnums=3, **shard(2)),
         admit=jax.jit(admit, static_argnums=(0, 1), donate_argnums=3, **shard(3)),
+        admit_shared=jax.jit(admit_shared, static_argnums=0, donate_argnums=1, **shard(4, params=False)),
         empty_pool=jax.jit(_empty_pool, static_argnums=(0, 1), **shard(1)),
     )
 
@@ -367,6 +378,7 @@ def make_batch(samples: list[dict], protocol: Protocol, shape: tuple[int, int],
 
 
 _Item = tuple[int, dict]  # (input index, sample)
+_MAX_IDLE_POOLS = 2
 
 
 def _padded(n: int, size: int) -> int:
@@ -376,13 +388,23 @@ def _padded(n: int, size: int) -> int:
     return min(size, d * 2 ** max(0, math.ceil(math.log2(n / d))))
 
 
+def _image_key(sample: dict) -> str | None:
+    """Samples with equal keys and equal images share one encoding: `image_key` if given, else the
+    id up to its last '#' ('<image stem>#<instance>'), else None (never shared)."""
+    if "image_key" in sample:
+        return sample["image_key"]
+    return sample["id"].rsplit("#", 1)[0] if "#" in sample["id"] else None
+
+
 class _Pool:
-    """`size` slots of one bucket `shape` on the devices (a `step` state) and the item in each slot."""
+    """`size` slots of one bucket `shape` on the devices (a `step` state), the item in each slot
+    and, per slot, the (key, image) whose encoding its `enc` rows hold (kept after the item ends)."""
 
     def __init__(self, predictor: Predictor, protocol: Protocol, shape: tuple[int, int], size: int):
         self.predictor, self.protocol, self.shape = predictor, protocol, shape
         self.fns = _jitted(jax.device_count())
         self.items: list[_Item | None] = [None] * size
+        self.encoded: list[tuple[str, np.ndarray] | None] = [None] * size
         self.state = self.fns["empty_pool"](protocol, predictor.encode, predictor.params,
                                             make_batch([], protocol, shape, size))
 
@@ -395,18 +417,53 @@ class _Pool:
         return len(self.items) - len(self.free)
 
     def admit(self, items: list[_Item]) -> None:
-        """Encodes `items` (at most `len(self.free)`) into free slots (in a `_padded` batch)."""
+        """Puts `items` (at most `len(self.free)`) into free slots. An image already encoded in a
+        row of the pool, or earlier in `items`, is not encoded again: its encoding is copied."""
         if not items:
             return
+
+        def same(entry, key, image):
+            return entry is not None and key is not None and entry[0] == key and np.array_equal(entry[1], image)
+
+        free = self.free
+        sources = []  # per item: the row holding its image's encoding, or None
+        for index, (_, sample) in enumerate(items):
+            key, image = _image_key(sample), sample["image"]
+            src = next((j for j, entry in enumerate(self.encoded) if same(entry, key, image)), None)
+            if src is None:  # an earlier item of this call with the same image (encoded first)
+                src = next((-1 - i for i, (_, other) in enumerate(items[:index])
+                            if sources[i] is None and same((_image_key(other), other["image"]), key, image)), None)
+            sources.append(src)
+        reserved = {}  # free rows that keep an encoding wanted here -> the first item wanting it
+        for index, src in enumerate(sources):
+            if src is not None and src >= 0 and src in free and src not in reserved:
+                reserved[src] = index
+        spare = iter(j for j in free if j not in reserved)
+        slots = [next((j for j, i in reserved.items() if i == index), None) for index in range(len(items))]
+        slots = [j if j is not None else next(spare) for j in slots]
+        sources = [slots[-1 - src] if src is not None and src < 0 else src for src in sources]
+        for slot, item in zip(slots, items):
+            self.items[slot] = item
+            self.encoded[slot] = (_image_key(item[1]), item[1]["image"])
+        fresh = [i for i, src in enumerate(sources) if src is None]
+        shared = [i for i, src in enumerate(sources) if src is not None]
+        if fresh:  # writes only rows no shared item reads from (reserved rows go to their sharers)
+            slots_, batch = self._batch([items[i] for i in fresh], [slots[i] for i in fresh])
+            self.state = self.fns["admit"](self.protocol, self.predictor.encode, self.predictor.params,
+                                           self.state, batch, slots_)
+        if shared:
+            slots_, batch = self._batch([items[i] for i in shared], [slots[i] for i in shared])
+            src = np.zeros_like(slots_)
+            src[:len(shared)] = [sources[i] for i in shared]
+            self.state = self.fns["admit_shared"](self.protocol, self.state, batch, slots_, src)
+
+    def _batch(self, items: list[_Item], slots: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Slots (padded with the dropped row `size`) and the `_padded` batch of `items`."""
         size = len(self.items)
         n = _padded(len(items), size)
-        slots = np.full((n,), size, np.int32)
-        slots[:len(items)] = self.free[:len(items)]
-        for j, item in zip(slots, items):
-            self.items[j] = item
-        batch = make_batch([sample for _, sample in items], self.protocol, self.shape, n)
-        self.state = self.fns["admit"](self.protocol, self.predictor.encode, self.predictor.params,
-                                       self.state, batch, slots)
+        padded = np.full((n,), size, np.int32)
+        padded[:len(items)] = slots
+        return padded, make_batch([sample for _, sample in items], self.protocol, self.shape, n)
 
     def step(self, keep_masks: int) -> list[tuple[int, dict]]:
         """One click for every live slot (on a `_padded` subset of the pool); empties the slots
@@ -468,6 +525,10 @@ def run_samples(
     leftovers go into free slots of pools they fit in (smallest leftovers first) or into one new
     pool padded to their largest size, and partly empty pools click only their live slots.
 
+    Instances of one image (same `image_key`, by default the id up to its last '#', and equal
+    image arrays) share its encoding when they meet in a pool (the last emptied pools are kept
+    for this), so a dataset with k instances per image encodes each image once, not k times.
+
     Each result: {'id', 'height', 'width', 'clicks': [[row, col, is_positive], ...],
     'inter': [...], 'union': [...]} (pixel counts per click run), plus 'mask' (final prediction,
     bool [H,W]) for the first `keep_masks` samples. `on_done(n)` reports n finished samples.
@@ -480,6 +541,10 @@ def run_samples(
     results: dict[int, dict] = {}
     queues: dict[tuple[int, int], list[_Item]] = {}
     pools: dict[tuple[int, int], _Pool] = {}
+    idle: dict[tuple[int, int], _Pool] = {}  # emptied pools, most recent last: their encodings may serve again
+
+    def get_pool(shape):
+        return idle.pop(shape) if shape in idle else _Pool(predictor, protocol, shape, batch_size)
 
     def step(shape):
         finished = pools[shape].step(keep_masks)
@@ -487,7 +552,9 @@ def run_samples(
         if finished and on_done is not None:
             on_done(len(finished))
         if not pools[shape].live:
-            del pools[shape]
+            idle[shape] = pools.pop(shape)
+            while len(idle) > _MAX_IDLE_POOLS:
+                del idle[next(iter(idle))]
 
     def ready():
         """A shape whose pool can keep every slot busy, else None."""
@@ -501,7 +568,7 @@ def run_samples(
     while True:
         if (shape := ready()) is not None:
             if shape not in pools:
-                pools[shape] = _Pool(predictor, protocol, shape, batch_size)
+                pools[shape] = get_pool(shape)
             free = len(pools[shape].free)
             pools[shape].admit(queues[shape][:free])
             del queues[shape][:free]
@@ -520,7 +587,7 @@ def run_samples(
     while leftovers or pools:
         if any(not any(fits(shape, p) for p in pools) for shape, _ in leftovers):
             big = tuple(max(hw[d] for hw, _ in leftovers) for d in (0, 1))
-            pools[big] = _Pool(predictor, protocol, big, batch_size)
+            pools[big] = get_pool(big)
         for pool_shape, pool in sorted(pools.items(), key=lambda kv: kv[0][0] * kv[0][1]):
             take = [i for i, (shape, _) in enumerate(leftovers) if fits(shape, pool_shape)][:len(pool.free)]
             pool.admit([leftovers[i][1] for i in take])
