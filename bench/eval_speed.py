@@ -17,14 +17,15 @@ The cost per click is the network's.
 
 The last line is the compute bound of the split: the per-sample loop pays the whole network (image
 and flip) per click, T_full; the engine pays the decode per click and the encode once per image, so
-with c clicks per instance it cannot beat T_full / (T_dec + T_enc / c), all three timed here on
-the same inputs at the engine's batch (network time only, no clicker or resizes).
+with c clicks per image (summed over its instances) it cannot beat T_full / (T_dec + T_enc / c),
+all three timed here on the same inputs at the engine's batch (network time only, no clicker or
+resizes). `--instances K` puts K objects in each image, one sample each (as in SBD, WSESeg, SHSeg).
 
 `--torch` also times the PyTorch reference (`convert_weights.torch_reference`, the original's
 network) on the per-sample loop's click, to relate the JAX loop to the original code.
 
   python bench/eval_speed.py [--model tiny|full] [--images 24] [--size 224] [--clicks 20] [--batch B]
-                             [--bucket 64] [--no-whole-batch] [--torch] [--all-clicks]
+                             [--bucket 64] [--no-whole-batch] [--torch] [--all-clicks] [--instances K]
 """
 
 from __future__ import annotations
@@ -56,26 +57,47 @@ CLICKS_NEEDED = np.array([1, 2, 3, 4, 6, 9, 14, 0])  # 0: hopeless (contrast 0)
 CLICKS_PROB = np.array([0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.1])
 
 
-def make_samples(n: int, seed: int = 0) -> list[dict]:
-    """n images of assorted sizes (about 0.6-1.4x of 96x128) with one elliptical object each;
-    channel 0 shows the object at a contrast drawn from CLICKS_NEEDED, channel 1 is noise."""
+def make_samples(n: int, seed: int = 0, instances: int = 1) -> list[dict]:
+    """n images of assorted sizes (about 0.6-1.4x of 96x128); channel 1 is noise.
+
+    instances = 1: one elliptical object, shown in channel 0 at a contrast drawn from CLICKS_NEEDED
+    (128 ± contrast inside/outside). instances = K > 1: K objects side by side, each with its own
+    drawn contrast (128 + contrast inside, 128 outside) and its label in channel 2 (40·(k+1));
+    one sample per object ('bench<i>#<k>'), all sharing the image (as SBD, WSESeg, SHSeg do).
+    """
     rng = np.random.default_rng(seed)
     samples = []
     for i in range(n):
-        h, w = int(rng.integers(60, 130)), int(rng.integers(80, 180))
+        h, w = int(rng.integers(60, 130)), int(rng.integers(80, 180)) * instances
         yy, xx = np.mgrid[:h, :w]
-        cy, cx = rng.uniform(0.3, 0.7, 2) * (h, w)
-        gt = ((yy - cy) / (0.25 * h)) ** 2 + ((xx - cx) / (0.3 * w)) ** 2 < 1
-        k = rng.choice(CLICKS_NEEDED, p=CLICKS_PROB)
-        contrast = int(np.ceil(1.1 * 255 / (4 * k))) if k else 0
-        image = np.stack([np.where(gt, 128 + contrast, 128 - contrast), rng.integers(0, 256, (h, w)),
-                          np.full((h, w), 128)], axis=-1).astype(np.uint8)
-        samples.append({"id": f"bench{i}#0", "image": image, "gt": gt.astype(np.int32)})
+        if instances == 1:
+            cy, cx = rng.uniform(0.3, 0.7, 2) * (h, w)
+            gt = ((yy - cy) / (0.25 * h)) ** 2 + ((xx - cx) / (0.3 * w)) ** 2 < 1
+            k = rng.choice(CLICKS_NEEDED, p=CLICKS_PROB)
+            contrast = int(np.ceil(1.1 * 255 / (4 * k))) if k else 0
+            image = np.stack([np.where(gt, 128 + contrast, 128 - contrast), rng.integers(0, 256, (h, w)),
+                              np.full((h, w), 128)], axis=-1).astype(np.uint8)
+            samples.append({"id": f"bench{i}#0", "image": image, "gt": gt.astype(np.int32)})
+            continue
+        strip = w / instances
+        labels = np.zeros((h, w), np.int32)
+        level = np.full((h, w), 128)
+        for j in range(instances):
+            cy, cx = rng.uniform(0.3, 0.7) * h, (j + rng.uniform(0.3, 0.7)) * strip
+            inside = ((yy - cy) / (0.25 * h)) ** 2 + ((xx - cx) / (0.3 * strip)) ** 2 < 1
+            k = rng.choice(CLICKS_NEEDED, p=CLICKS_PROB)
+            labels[inside] = j + 1
+            level[inside] = 128 + (int(np.ceil(1.1 * 255 / (4 * k))) if k else 0)
+        image = np.stack([level, rng.integers(0, 256, (h, w)), 40 * labels], axis=-1).astype(np.uint8)
+        samples += [{"id": f"bench{i}#{j}", "image": image, "gt": (labels == j + 1).astype(np.int32)}
+                    for j in range(instances)]
     return samples
 
 
-def guided_predictor(net: Predictor) -> Predictor:
-    """The network's encode/decode plus an oracle reading the gt hidden in the image's channel 0."""
+def guided_predictor(net: Predictor, instances: int = 1) -> Predictor:
+    """The network's encode/decode plus an oracle reading the gt hidden in the image (see
+    `make_samples`). With several instances per image the oracle takes its target from the first
+    click (always positive, inside the object): the label and contrast under it."""
 
     def encode(params, images):
         return {"net": net.encode(params, images), "image": images}
@@ -83,7 +105,15 @@ def guided_predictor(net: Predictor) -> Predictor:
     def decode(params, enc, prev, points, point_denom):
         image = enc["image"]
         clicks = jnp.sum(points[..., 0] >= 0, axis=1, dtype=jnp.float32)[:, None, None]
-        oracle = 2.0 * clicks * (image[..., 0] - 0.5) + (image[..., 1] - 0.5)
+        if instances == 1:
+            oracle = 2.0 * clicks * (image[..., 0] - 0.5) + (image[..., 1] - 0.5)
+        else:
+            s = image.shape[1]
+            at = jnp.clip(jnp.floor(points[:, 0, :2] / point_denom + 0.5), 0, s - 1).astype(jnp.int32)
+            under = image[jnp.arange(image.shape[0]), at[:, 0], at[:, 1]]  # [N, 3]
+            inside = jnp.abs(image[..., 2] - under[:, None, None, 2]) < 20 / 255
+            contrast = under[:, None, None, 0] - 128 / 255
+            oracle = 2.0 * clicks * contrast * jnp.where(inside, 1.0, -1.0) + (image[..., 1] - 0.5)
         return oracle + 0.05 * net.decode(params, enc["net"], prev, points, point_denom)
 
     return Predictor(encode, decode, net.params)
@@ -223,14 +253,15 @@ def main():
     parser.add_argument("--bucket", type=int, default=64, help="padded-shape bucket (fewer shapes compile faster)")
     parser.add_argument("--no-whole-batch", action="store_true", help="skip the (slow) whole-batch engine")
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference network")
+    parser.add_argument("--instances", type=int, default=1, help="objects per image (each a sample)")
     parser.add_argument("--all-clicks", action="store_true",
                         help="run every instance for all clicks (target IoU 1.01, as the original's --print-ious)")
     args = parser.parse_args()
 
     cfg = config_lib.tiny_model_config() if args.model == "tiny" else config_lib.model_config()
-    predictor = guided_predictor(skipclick_predictor(build_model(cfg, seed=0)))
+    predictor = guided_predictor(skipclick_predictor(build_model(cfg, seed=0)), args.instances)
     protocol = Protocol(size=args.size, max_clicks=args.clicks, target_iou=1.01 if args.all_clicks else 0.95)
-    samples = make_samples(args.images)
+    samples = make_samples(args.images, instances=args.instances)
     batch = args.batch or default_batch_size()
 
     def as_ious(results):
@@ -261,7 +292,7 @@ def main():
         assert noc.tolist() == noc_loop.tolist(), (name, noc, noc_loop)
 
     counts = np.bincount([len(c) for c, _ in loop], minlength=args.clicks + 1)[1:]
-    print(f"model={args.model} S={args.size} images={args.images} batch={batch} "
+    print(f"model={args.model} S={args.size} images={args.images} instances={len(samples)} batch={batch} "
           f"devices={jax.device_count()} ({jax.devices()[0].platform}); NoC@80..95 = {noc_loop.tolist()}")
     print(f"instances per number of clicks 1..{args.clicks}: {counts.tolist()}")
     print(f"| {'method':<20} | {'clicks':>6} | {'seconds':>8} | {'clicks/s':>8} | {'speed-up':>8} |")
@@ -271,10 +302,10 @@ def main():
         rate = clicks / seconds
         print(f"| {name:<20} | {clicks:>6} | {seconds:>8.2f} | {rate:>8.2f} | {rate / base:>7.1f}x |")
     t = network_times(predictor, args.size, batch, protocol.points_per_polarity)
-    per_instance = rows[-1][2] / len(samples)
-    bound = t["full"] / (t["dec"] + t["enc"] / per_instance)
+    per_image = rows[-1][2] / args.images  # the engine encodes each image once
+    bound = t["full"] / (t["dec"] + t["enc"] / per_image)
     print(f"compute bound: T_full {1e3 * t['full']:.1f} ms / (T_dec {1e3 * t['dec']:.1f} ms + T_enc "
-          f"{1e3 * t['enc']:.1f} ms / {per_instance:.2f} clicks per instance) = {bound:.2f}x; "
+          f"{1e3 * t['enc']:.1f} ms / {per_image:.2f} clicks per image) = {bound:.2f}x; "
           f"the refill engine reaches {rows[0][2] / rows[0][1] / base / bound:.0%} of it")
     if args.torch:
         t_torch = torch_full_time(cfg, args.size, protocol.points_per_polarity)

@@ -4,9 +4,10 @@ Images are zero-padded at the bottom/right into shape buckets; each sample carri
 (h, w), from which the validity mask and per-sample resize taps are made. Padding never changes a
 resize (its taps have weight 0), a distance (`edt` treats it as the original's zero border), a click
 or an IoU (it is ignored). Each image (and its flip) is encoded once, when it enters a slot of a
-fixed pool (`admit`; further instances of the same image copy that encoding, `admit_shared`); `step` then runs only the per-click path for the pool (`step_rows` for its
-live part when it is partly empty), and slots whose sample reached the target IoU or `max_clicks`
-are refilled with the next samples (continuous batching). `run_batch` is the same click on one
+fixed pool (`admit`; further instances of the same image copy that encoding, `admit_shared`);
+`step` then runs only the per-click path for the pool (`step_rows` for its live part when it is
+partly empty), and slots whose sample reached the target IoU or `max_clicks` are refilled with
+the next samples (continuous batching). `run_batch` is the same click on one
 batch under a while loop, until all are done.
 
 The per-click protocol of the original (BasePredictor + NoBRS, `--suppress-zoom`):
