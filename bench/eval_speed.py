@@ -38,8 +38,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
+from convert_weights.torch_noc import next_click
 from skipclick_jax import config_lib, metrics, resize
 from skipclick_jax.evaluation.engine import (
     Predictor,
@@ -119,18 +119,6 @@ def guided_predictor(net: Predictor, instances: int = 1) -> Predictor:
     return Predictor(encode, decode, net.params)
 
 
-def _clicker_click(gt, pred, not_clicked):
-    def dt(mask):
-        return ndimage.distance_transform_edt(np.pad(mask, 1)).astype(np.float32)[1:-1, 1:-1] * not_clicked
-
-    fn, fp = dt((gt == 1) & ~pred & (gt != -1)), dt((gt != 1) & pred & (gt != -1))
-    is_pos = fn.max() > fp.max()
-    d = fn if is_pos else fp
-    ys, xs = np.where(d == d.max())
-    not_clicked[ys[0], xs[0]] = False
-    return int(ys[0]), int(xs[0]), bool(is_pos)
-
-
 @jax.jit
 def _resize_to(x, like):
     """bilinear_ac of x [1,H,W] to the spatial size of `like` [1,H',W'] (jitted per size pair)."""
@@ -173,7 +161,7 @@ def per_sample_loop(predictor, samples, protocol: Protocol) -> list[tuple[list, 
         not_clicked = np.ones((h, w), bool)
         clicks, ious = [], []
         for _ in range(protocol.max_clicks):
-            clicks.append(_clicker_click(gt, pred, not_clicked))
+            clicks.append(next_click(gt, pred, not_clicked))
             pts = np.full((1, 2 * p, 3), -1, np.float32)
             for base, polarity in ((0, True), (p, False)):
                 rows = [(s * r, s * c, i) for i, (r, c, q) in enumerate(clicks) if q == polarity]

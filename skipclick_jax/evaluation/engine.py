@@ -7,8 +7,8 @@ or an IoU (it is ignored). Each image (and its flip) is encoded once, when it en
 fixed pool (`admit`; further instances of the same image copy that encoding, `admit_shared`);
 `step` then runs only the per-click path for the pool (`step_rows` for its live part when it is
 partly empty), and slots whose sample reached the target IoU or `max_clicks` are refilled with
-the next samples (continuous batching). `run_batch` is the same click on one
-batch under a while loop, until all are done.
+the next samples (continuous batching). `run_batch` is the same click on one batch under a while
+loop, until all are done.
 
 The per-click protocol of the original (BasePredictor + NoBRS, `--suppress-zoom`):
   clicker at the original resolution -> prev probability resized to S×S (bilinear,
@@ -397,6 +397,11 @@ def _image_key(sample: dict) -> str | None:
     return sample["id"].rsplit("#", 1)[0] if "#" in sample["id"] else None
 
 
+def _same_image(a: tuple[str | None, np.ndarray] | None, b: tuple[str | None, np.ndarray]) -> bool:
+    """Whether two (image key, image) pairs name one image (a key of None matches nothing)."""
+    return a is not None and a[0] is not None and a[0] == b[0] and np.array_equal(a[1], b[1])
+
+
 class _Pool:
     """`size` slots of one bucket `shape` on the devices (a `step` state), the item in each slot
     and, per slot, the (key, image) whose encoding its `enc` rows hold (kept after the item ends)."""
@@ -405,7 +410,7 @@ class _Pool:
         self.predictor, self.protocol, self.shape = predictor, protocol, shape
         self.fns = _jitted(jax.device_count())
         self.items: list[_Item | None] = [None] * size
-        self.encoded: list[tuple[str, np.ndarray] | None] = [None] * size
+        self.encoded: list[tuple[str | None, np.ndarray] | None] = [None] * size
         self.state = self.fns["empty_pool"](protocol, predictor.encode, predictor.params,
                                             make_batch([], protocol, shape, size))
 
@@ -422,41 +427,31 @@ class _Pool:
         row of the pool, or earlier in `items`, is not encoded again: its encoding is copied."""
         if not items:
             return
-
-        def same(entry, key, image):
-            return entry is not None and key is not None and entry[0] == key and np.array_equal(entry[1], image)
-
+        images = [(_image_key(sample), sample["image"]) for _, sample in items]
+        src = [next((j for j, enc in enumerate(self.encoded) if _same_image(enc, im)), None) for im in images]
         free = self.free
-        sources = []  # per item: the row holding its image's encoding, or None
-        for index, (_, sample) in enumerate(items):
-            key, image = _image_key(sample), sample["image"]
-            src = next((j for j, entry in enumerate(self.encoded) if same(entry, key, image)), None)
-            if src is None:  # an earlier item of this call with the same image (encoded first)
-                src = next((-1 - i for i, (_, other) in enumerate(items[:index])
-                            if sources[i] is None and same((_image_key(other), other["image"]), key, image)), None)
-            sources.append(src)
-        reserved = {}  # free rows that keep an encoding wanted here -> the first item wanting it
-        for index, src in enumerate(sources):
-            if src is not None and src >= 0 and src in free and src not in reserved:
-                reserved[src] = index
-        spare = iter(j for j in free if j not in reserved)
-        slots = [next((j for j, i in reserved.items() if i == index), None) for index in range(len(items))]
+        slots = [None] * len(items)
+        for i, row in enumerate(src):  # the first item wanting a free row's encoding takes that row
+            if row in free and row not in slots:
+                slots[i] = row
+        spare = iter(j for j in free if j not in src)
         slots = [j if j is not None else next(spare) for j in slots]
-        sources = [slots[-1 - src] if src is not None and src < 0 else src for src in sources]
-        for slot, item in zip(slots, items):
-            self.items[slot] = item
-            self.encoded[slot] = (_image_key(item[1]), item[1]["image"])
-        fresh = [i for i, src in enumerate(sources) if src is None]
-        shared = [i for i, src in enumerate(sources) if src is not None]
-        if fresh:  # writes only rows no shared item reads from (reserved rows go to their sharers)
-            slots_, batch = self._batch([items[i] for i in fresh], [slots[i] for i in fresh])
+        for i, image in enumerate(images):  # an image first seen in this call: copy from its first row
+            if src[i] is None:
+                src[i] = next((slots[j] for j in range(i) if src[j] is None and _same_image(images[j], image)), None)
+        for slot, item, image in zip(slots, items, images):
+            self.items[slot], self.encoded[slot] = item, image
+        fresh = [i for i, row in enumerate(src) if row is None]
+        shared = [i for i, row in enumerate(src) if row is not None]
+        if fresh:  # never writes a row a shared item reads from: those rows stay with their sharers
+            rows, batch = self._batch([items[i] for i in fresh], [slots[i] for i in fresh])
             self.state = self.fns["admit"](self.protocol, self.predictor.encode, self.predictor.params,
-                                           self.state, batch, slots_)
+                                           self.state, batch, rows)
         if shared:
-            slots_, batch = self._batch([items[i] for i in shared], [slots[i] for i in shared])
-            src = np.zeros_like(slots_)
-            src[:len(shared)] = [sources[i] for i in shared]
-            self.state = self.fns["admit_shared"](self.protocol, self.state, batch, slots_, src)
+            rows, batch = self._batch([items[i] for i in shared], [slots[i] for i in shared])
+            from_rows = np.zeros_like(rows)
+            from_rows[:len(shared)] = [src[i] for i in shared]
+            self.state = self.fns["admit_shared"](self.protocol, self.state, batch, rows, from_rows)
 
     def _batch(self, items: list[_Item], slots: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Slots (padded with the dropped row `size`) and the `_padded` batch of `items`."""
@@ -519,12 +514,12 @@ def run_samples(
 
     Samples are queued by padded shape (`bucket_dim` of height and width). Each shape has a pool
     of `batch_size` slots (None: `default_batch_size()`; rounded up to a multiple of the device
-    count); `step` runs one click for
-    all slots, and every slot whose sample finished is refilled at once with the next queued sample
-    of that shape (`admit` encodes only the new images). A pool runs while all its slots can be
-    kept busy, else waits (keeping its live slots) while the input is read on. At the end, the
-    leftovers go into free slots of pools they fit in (smallest leftovers first) or into one new
-    pool padded to their largest size, and partly empty pools click only their live slots.
+    count); `step` runs one click for all slots, and every slot whose sample finished is refilled
+    at once with the next queued sample of that shape (`admit` encodes only the new images). A
+    pool runs while all its slots can be kept busy, else waits (keeping its live slots) while the
+    input is read on. At the end, the leftovers go into free slots of pools they fit in (smallest
+    leftovers first) or into one new pool padded to their largest size, and partly empty pools
+    click only their live slots.
 
     Instances of one image (same `image_key`, by default the id up to its last '#', and equal
     image arrays) share its encoding when they meet in a pool (the last emptied pools are kept
