@@ -49,7 +49,7 @@ def run_cli(*args: str) -> tuple[float, float]:
 def main() -> None:
     import torch
 
-    from convert_weights import mapping
+    from skipclick_jax.weights import mapping
     from convert_weights.convert import read_file
     from convert_weights.torch_reference import build_reference
     from skipclick_jax.config_lib import model_config

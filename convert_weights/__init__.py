@@ -1,13 +1,10 @@
-"""Import/export of SkipClick weights: released `.pth`, state dicts, DINOv2 hub/timm backbones.
+"""The weight-conversion CLI and the PyTorch parity layer.
 
-Torch-free: `.pth` files are read by `convert_weights.unpickler` (a restricted unpickler over
-numpy); only `torch_reference`, `.pth` export and the parity tools need torch.
+`python -m convert_weights` converts files (reading is `skipclick_jax.weights`, torch-free);
+`verify` and `dump_stages` compare against `torch_reference` (the original network restated in
+PyTorch) and `torch_noc` (the original evaluation loop). Only these and `.pth` export need torch.
 """
 
+from skipclick_jax.weights import CheckpointError, ForbiddenGlobalError
 
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read or does not fit the model (the message names file/key)."""
-
-
-class ForbiddenGlobalError(CheckpointError):
-    """A pickle references a global outside the allow-list (nothing from it is executed)."""
+__all__ = ["CheckpointError", "ForbiddenGlobalError"]

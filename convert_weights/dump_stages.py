@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from convert_weights import CheckpointError
+from skipclick_jax.weights import CheckpointError
 
 
 def read_inputs(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

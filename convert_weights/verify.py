@@ -123,7 +123,7 @@ def model_from_reference(ref, cfg):
     """JAX SkipClick holding the torch reference's weights (through the importer's mapping)."""
     from flax import nnx
 
-    from convert_weights import mapping
+    from skipclick_jax.weights import mapping
     from skipclick_jax.model import build_model
 
     sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}

@@ -4,9 +4,9 @@ A project checkpoint is a directory:
   <dir>/config.json   the config given to `save` (`config_lib.config_to_json`)
   <dir>/params/       orbax StandardCheckpointer of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
 `load` also reads a train.py run (`<workdir>` or `<workdir>/checkpoints`: the latest step's
-'params' item and the root config.json) and, through `convert_weights`, released SkipClick
-`.pth` files, `.safetensors`/`.pth` state dicts and DINOv2 hub/timm backbones.
-No torch import here; `.pth` files are read by a restricted numpy unpickler.
+'params' item and the root config.json) and released SkipClick
+`.pth` files, `.safetensors`/`.pth` state dicts and DINOv2 hub/timm backbones
+(`skipclick_jax.weights`; no torch: `.pth` files are read by a restricted numpy unpickler).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from flax import nnx
 
 from skipclick_jax import config_lib
 from skipclick_jax.model import SkipClick, build_model
+from skipclick_jax.weights import CheckpointError
+from skipclick_jax.weights.importer import import_weights, model_section
+from skipclick_jax.weights.mapping import flatten
 
 PARAMS, CONFIG = "params", "config.json"
 
@@ -58,8 +61,6 @@ def _latest_train_step(root: pathlib.Path) -> pathlib.Path | None:
 
 def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> SkipClick:
     """Restores orbax params onto a SkipClick of `model_cfg`; shape mismatches name the key."""
-    from convert_weights import CheckpointError
-    from convert_weights.mapping import flatten
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg)))
     target = nnx.to_pure_dict(state)
@@ -83,8 +84,6 @@ def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> 
 def load_with_info(source: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
                    fmt: str = "auto", seed: int = 0) -> tuple[SkipClick, ml_collections.ConfigDict, dict]:
     """Like `load`, plus an info dict (source, format, dtypes, tensors)."""
-    from convert_weights import CheckpointError
-    from convert_weights.convert import import_weights, model_section
 
     path = pathlib.Path(source)
     if path.is_dir():

@@ -19,10 +19,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from convert_weights import CheckpointError, ForbiddenGlobalError, mapping  # noqa: E402
+from skipclick_jax.weights import CheckpointError, ForbiddenGlobalError, mapping  # noqa: E402
 from convert_weights.convert import export_weights, import_weights, main  # noqa: E402
 from convert_weights.torch_reference import build_reference  # noqa: E402
-from convert_weights.unpickler import IsegmStub, load_pth  # noqa: E402
+from skipclick_jax.weights.unpickler import IsegmStub, load_pth  # noqa: E402
 from skipclick_jax import checkpoint  # noqa: E402
 from skipclick_jax.config_lib import model_config, tiny_model_config  # noqa: E402
 

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from convert_weights import CheckpointError
+from skipclick_jax.weights import CheckpointError
 
 HUB_PREFIX = "feature_extractor.dinov2."
 _SEQ = re.compile(r"^(neck\.down_\d+|head\.up_conv[12])\.(\d+)\.")

@@ -18,7 +18,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-from convert_weights import CheckpointError, ForbiddenGlobalError
+from skipclick_jax.weights import CheckpointError, ForbiddenGlobalError
 
 STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
