@@ -1,22 +1,29 @@
 """NoC evaluation of a checkpoint with the original's protocol (spec §5).
 
   python eval.py --checkpoint CKPT --dataset GrabCut=/data/GrabCut [--dataset DAVIS=/data/DAVIS ...]
-      --out OUT [--config.eval.batch_size=16 ...] [--overlays N] [--no-flip] [--size S] [--all-clicks]
+      --out OUT [--config configs/x.py[:arg]] [--config.eval.batch_size=16 ...] [--overlays N]
+      [--no-flip] [--size S] [--all-clicks] [--overwrite]
 
-CKPT is anything `skipclick_jax.checkpoint.load` accepts. `--size S` uses S for every dataset
-(default: the protocol's per-dataset sizes), `--all-clicks` runs all clicks (target_iou 1.01, for
-mIoU@k), `--no-flip` switches off the horizontal-flip TTA. Outputs: see
-`skipclick_jax.evaluation.evaluate`.
+CKPT is anything `skipclick_jax.checkpoint.load` accepts; `--config` gives the config for files
+without one (bare state dicts, backbones) or replaces the stored one (checked against the
+weights). `--config.<section>.<key>=<value>` overrides a value, as in train.py. `--size S` uses S
+for every dataset (default: the protocol's per-dataset sizes), `--all-clicks` runs all clicks
+(target_iou 1.01, for mIoU@k), `--no-flip` switches off the horizontal-flip TTA. `Synthetic=`
+evaluates the synthetic val split of the checkpoint's own `data.synthetic` settings. Every
+dataset folder is read and checked before the first evaluation; an `--out` folder with results
+is refused unless `--overwrite`. Outputs: see `skipclick_jax.evaluation.evaluate`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import pathlib
 import sys
 
 import ml_collections
 
+from skipclick_jax.data.eval_datasets import EVAL_DATASETS, load_eval_dataset
 from skipclick_jax.evaluation.defaults import eval_defaults
 from skipclick_jax.evaluation.evaluate import evaluate
 
@@ -35,6 +42,9 @@ def _parse(argv):
     parser.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA")
     parser.add_argument("--size", type=int, default=None, help="network input size S for every dataset")
     parser.add_argument("--all-clicks", action="store_true", help="run all clicks (target_iou=1.01)")
+    parser.add_argument("--config", default=None, metavar="FILE[:ARG]",
+                        help="config file (configs/*.py, optionally :arg, or a config.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for arg in rest:
@@ -47,7 +57,17 @@ def _parse(argv):
         name, sep, path = spec.partition("=")
         if not sep or not name or (not path and name != "Synthetic"):
             parser.error(f"--dataset {spec!r}: expected NAME=PATH")
+        if name not in EVAL_DATASETS:
+            parser.error(f"--dataset {spec!r}: unknown dataset {name!r}; expected one of {EVAL_DATASETS}")
+        if name in datasets:
+            parser.error(f"--dataset {name} is given twice ({datasets[name]!r} and {path!r})")
         datasets[name] = path
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        parser.error(f"--out {out} already holds results ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); "
+                     "pass --overwrite to replace them or choose another --out")
     return args, overrides, datasets
 
 
@@ -62,33 +82,47 @@ def _override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
     if leaf not in node:
         raise KeyError(f"--config.{key}: unknown field (known: {sorted(node.keys())})")
     old = node[leaf]
-    if isinstance(old, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--config.{key}={value}: expected true or false")
-        new = value.lower() in ("true", "1")
-    elif isinstance(old, (int, float)):
-        new = type(old)(value)
-    elif isinstance(old, str):
-        new = value
-    else:
-        new = ast.literal_eval(value)
-    node[leaf] = new
+    try:
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            new = value.lower() in ("true", "1")
+        elif isinstance(old, (int, float)):
+            new = type(old)(value)
+        elif isinstance(old, str):
+            new = value
+        else:
+            new = ast.literal_eval(value)
+        node[leaf] = new
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ValueError(f"--config.{key}={value}: not a valid {type(old).__name__} ({e})") from None
 
 
 def main(argv=None) -> dict:
     args, overrides, datasets = _parse(sys.argv[1:] if argv is None else argv)
-    from skipclick_jax import checkpoint
+    from skipclick_jax import checkpoint, config_lib
+    from skipclick_jax.data import builders
     from skipclick_jax.runtime import enable_compilation_cache
 
+    for name, path in datasets.items():  # cheap checks first; the layouts are read below
+        if name != "Synthetic" and not builders.resolve_root(path, name).is_dir():
+            raise FileNotFoundError(f"--dataset {name}={path}: folder does not exist")
     enable_compilation_cache()
 
-    model, cfg = checkpoint.load(args.checkpoint)
+    given = None
+    if args.config:
+        given = config_lib.load_config_file(args.config)
+        if "model" not in given:
+            given = config_lib.base_config(given)
+        for key, value in overrides:
+            _override(given, key, value)
+    model, cfg = checkpoint.load(args.checkpoint, given)
     cfg = ml_collections.ConfigDict(cfg)
     protocol = eval_defaults()  # fields missing from an older checkpoint's config take the defaults
     if "eval" in cfg:
         protocol.update(cfg.eval.to_dict())
     cfg.eval = protocol
-    for key, value in overrides:
+    for key, value in overrides if given is None else ():
         _override(cfg, key, value)
     if args.overlays is not None:
         cfg.eval.overlays = args.overlays
@@ -99,12 +133,28 @@ def main(argv=None) -> dict:
         cfg.eval.sizes = {}
     if args.all_clicks:
         cfg.eval.target_iou = 1.01
-    summary = evaluate(model, datasets, args.out, cfg.eval, data_dir=args.data_dir)
+    config_lib.validate_eval_config(cfg.eval)
+    loaded = {name: _load_dataset(name, path, cfg, args.data_dir) for name, path in datasets.items()}
+    summary = evaluate(model, loaded, args.out, cfg.eval, data_dir=args.data_dir)
     for name, s in summary.items():
         nocs = ", ".join(f"NoC@{k}={v:.2f}" for k, v in s["noc"].items())
         print(f"{name}: {s['instances']} instances, {nocs}, {s['clicks_per_second']:.1f} clicks/s")
     return summary
 
 
+def _load_dataset(name: str, path: str, cfg: ml_collections.ConfigDict, data_dir):
+    """The samples of one --dataset (its folder's layout checked); Synthetic uses the config's
+    `data.synthetic` (the split the checkpoint was trained and evaluated with)."""
+    from skipclick_jax.data.synthetic import SyntheticConfig
+
+    if name == "Synthetic":
+        settings = dict(cfg.data.synthetic) if "data" in cfg and "synthetic" in cfg.data else {}
+        return load_eval_dataset(name, data_dir=data_dir, synthetic=SyntheticConfig(**settings))
+    return load_eval_dataset(name, path, data_dir)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError, ConfigError, LayoutError
+        sys.exit(f"eval.py: error: {e}")

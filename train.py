@@ -11,10 +11,12 @@ Config values are overridden with --config.<section>.<key>=<value>. Re-running w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -26,7 +28,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from skipclick_jax import checkpoint
+from skipclick_jax import checkpoint, config_lib
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.pipeline import make_global_batch, train_dataset
 from skipclick_jax.data.points_sampler import MultiPointSampler
@@ -48,7 +50,16 @@ log = logging.getLogger("train")
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
     """Trains for cfg.train.num_steps (resuming from `workdir`), then evaluates; returns the
-    final TrainState. Raises FloatingPointError on a non-finite loss (checkpoints stay good)."""
+    final TrainState. Raises FloatingPointError on a non-finite loss (checkpoints stay good).
+
+    The config is validated first; the workdir is locked, and a config that differs from the
+    run's (`checkpointing.RESUMABLE_KEYS` aside) is refused, before anything is written."""
+    with contextlib.ExitStack() as cleanup:
+        return _train_and_evaluate(cfg, workdir, init_from, cleanup)
+
+
+def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
+    config_lib.validate_config(cfg)
     tc = cfg.train
     if tc.distributed:
         jax.distributed.initialize()
@@ -67,6 +78,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     num_steps = tc.num_steps if tc.num_steps >= 0 else tc.num_epochs * steps_per_epoch
     log.info("mesh %s, %d steps (%d per epoch), global batch %d",
              dict(mesh.shape), num_steps, steps_per_epoch, tc.batch_size)
+
+    # ------------------------------------------------------------------ Checkpoint
+    ckpt = cleanup.enter_context(checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, config=cfg))
 
     # ------------------------------------------------------------------ Input
     iterator = _train_iterator(cfg)
@@ -95,8 +109,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
         pred_thresh=tc.pred_thresh), out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
     all_finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
 
-    # ------------------------------------------------------------------ Checkpoint
-    ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, config=cfg)
+    # ------------------------------------------------------------------ Restore
     restored = ckpt.restore_latest(sharding.with_shardings(state_shape, state_sharding),
                                    sharding.with_shardings(frozen_shape, frozen_sharding), iterator)
     if restored is not None:
@@ -109,6 +122,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
         state = state_lib.init_state(params, tx, tc.seed)
         state, frozen = jax.device_put((state, frozen), (state_sharding, frozen_sharding))
     start = int(state.step)
+    if start > num_steps:
+        raise checkpointing.WorkdirError(
+            f"{workdir} already holds step {start}, past train.num_steps={num_steps}; evaluate it "
+            f"with eval.py --checkpoint {workdir}, or pass another --workdir to train {num_steps} steps")
+    if is_main:
+        checkpointing.truncate_metrics(workdir / "metrics.jsonl", start)
 
     writer = Writer(workdir)
     if start == 0 and tc.eval_untrained and eval_datasets:
@@ -173,7 +192,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     # ------------------------------------------------------------------ Eval
     if eval_datasets:
         _evaluate(cfg, eval_datasets, nnx.merge(graphdef, state.params, frozen),
-                  workdir / "eval" / f"step_{num_steps}", writer, num_steps)
+                  workdir / "eval" / f"step_{int(state.step)}", writer, int(state.step))
         if is_main:
             _print_tables(workdir / "eval")
     writer.close()
@@ -203,14 +222,15 @@ def _initial_model(cfg, init_from: str | None) -> nnx.Module:
 
 
 def _eval_datasets(cfg) -> dict:
-    """name -> samples or folder for evaluate(); datasets without a folder are skipped (warning)."""
+    """name -> samples for evaluate(), each folder read (and its layout checked) now, before
+    training; datasets without a folder are skipped (warning)."""
     d, out = cfg.data, {}
     for name in d.eval_datasets:
         if name == "Synthetic":
             out[name] = load_eval_dataset(name, data_dir=d.data_dir or None,
                                           synthetic=SyntheticConfig(**d.synthetic))
         elif d.eval_roots.get(name):
-            out[name] = d.eval_roots[name]
+            out[name] = load_eval_dataset(name, d.eval_roots[name], data_dir=d.data_dir or None)
         else:
             log.warning("eval dataset %s skipped: no folder in data.eval_roots.%s", name, name)
     return out
@@ -237,7 +257,12 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     enable_compilation_cache()
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS["init-from"].value)
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS["init-from"].value)
+    except (config_lib.ConfigError, checkpoint.CheckpointError, checkpointing.WorkdirError,
+            checkpointing.CheckpointSaveError, FileNotFoundError, FloatingPointError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        sys.exit(f"train.py: error: {e}")
 
 
 if __name__ == "__main__":

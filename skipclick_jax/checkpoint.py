@@ -1,8 +1,11 @@
 """The project's checkpoint format, and one `load` for every weight source.
 
 A project checkpoint is a directory:
-  <dir>/config.json   the config given to `save` (`config_lib.config_to_json`)
-  <dir>/params/       orbax StandardCheckpointer of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+  <dir>/config.json        the config given to `save` (`config_lib.config_to_json`)
+  <dir>/params/            orbax StandardCheckpointer of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+  <dir>/SHA256SUMS.json    size and SHA-256 of every other file (`write_digests`)
+Every restore first checks the digests (`verify_digests`): a changed, truncated or missing file is
+a `CorruptCheckpointError` naming it, never loaded. train.py steps carry the same digest file.
 `load` also reads a train.py run (`<workdir>` or `<workdir>/checkpoints`: the latest step's
 'params' item and the root config.json) and released SkipClick
 `.pth` files, `.safetensors`/`.pth` state dicts and DINOv2 hub/timm backbones
@@ -11,6 +14,8 @@ A project checkpoint is a directory:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -27,7 +32,63 @@ from skipclick_jax.weights import CheckpointError
 from skipclick_jax.weights.importer import import_weights, model_section
 from skipclick_jax.weights.mapping import flatten
 
-PARAMS, CONFIG = "params", "config.json"
+PARAMS, CONFIG, DIGESTS = "params", "config.json", "SHA256SUMS.json"
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file differs from the digest recorded when it was written (or is missing)."""
+
+
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_digests(directory: str | os.PathLike) -> pathlib.Path:
+    """Records {relative path: {size, sha256}} of every file under `directory` in its DIGESTS
+    file (written beside, then renamed, so it is complete or absent)."""
+    directory = pathlib.Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != DIGESTS
+                   and not p.name.startswith(f".{DIGESTS}"))
+    table = {p.relative_to(directory).as_posix(): dict(size=p.stat().st_size, sha256=_sha256(p))
+             for p in files}
+    tmp = directory / f".{DIGESTS}.tmp"
+    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+    os.replace(tmp, directory / DIGESTS)
+    return directory / DIGESTS
+
+
+def verify_digests(directory: str | os.PathLike, under: str | None = None) -> None:
+    """Checks the files recorded in `directory`'s DIGESTS (only those below `under` if given).
+
+    Raises CorruptCheckpointError naming the first file that is missing, has another size or
+    another SHA-256, or when the digest file itself is missing or unreadable.
+    """
+    directory = pathlib.Path(directory)
+    table_path = directory / DIGESTS
+    if not table_path.is_file():
+        raise CorruptCheckpointError(
+            f"{directory}: no integrity digests ({DIGESTS} is missing): the save did not complete, "
+            f"or the checkpoint was written without digests; refusing to load unverified weights "
+            f"(re-save it with skipclick_jax.checkpoint.save)")
+    try:
+        table = json.loads(table_path.read_text())
+        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in table.items()]
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{table_path}: unreadable digest file ({e})") from None
+    selected = [e for e in entries if under is None or e[0] == under or e[0].startswith(under + "/")]
+    if under is not None and not selected:
+        raise CorruptCheckpointError(f"{table_path}: records no files under {under}/")
+    for name, size, digest in selected:
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path}: checkpoint file is missing (deleted or moved)")
+        if path.stat().st_size != size:
+            raise CorruptCheckpointError(f"{path}: checkpoint file is {path.stat().st_size} bytes, "
+                                         f"{size} were written (truncated or changed)")
+        if _sha256(path) != digest:
+            raise CorruptCheckpointError(f"{path}: checkpoint file content differs from the SHA-256 "
+                                         "recorded when it was written (corrupted)")
 
 
 def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.ConfigDict, *,
@@ -46,6 +107,7 @@ def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.Confi
         checkpointer.save(tmp / PARAMS, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         checkpointer.wait_until_finished()
         (tmp / CONFIG).write_text(config_lib.config_to_json(config))
+        write_digests(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -60,12 +122,18 @@ def _latest_train_step(root: pathlib.Path) -> pathlib.Path | None:
 
 
 def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> SkipClick:
-    """Restores orbax params onto a SkipClick of `model_cfg`; shape mismatches name the key."""
-
+    """Restores orbax params onto a SkipClick of `model_cfg` (its digests checked first); shape
+    mismatches name the key."""
+    verify_digests(params_dir.parent, under=PARAMS)
+    config_lib.validate_model_config(model_cfg)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg)))
     target = nnx.to_pure_dict(state)
     checkpointer = ocp.StandardCheckpointer()
-    stored = checkpointer.metadata(params_dir).item_metadata
+    try:
+        stored = checkpointer.metadata(params_dir).item_metadata
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; name the directory
+        raise CheckpointError(f"{params_dir}: orbax cannot read its metadata "
+                              f"({type(e).__name__}: {e})") from None
     flat_t, flat_s = dict(flatten(target)), dict(flatten(stored))
     only = sorted(flat_t.keys() ^ flat_s.keys())
     if only:
@@ -87,21 +155,30 @@ def load_with_info(source: str | os.PathLike, config: ml_collections.ConfigDict 
 
     path = pathlib.Path(source)
     if path.is_dir():
-        root = path / "checkpoints" if (path / "checkpoints" / CONFIG).is_file() else path
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         if (root / PARAMS).is_dir():
             params_dir, kind = root / PARAMS, "project"
         else:
             params_dir, kind = _latest_train_step(root), "train"
-        if params_dir is None or not (root / CONFIG).is_file():
+        if params_dir is None:
             raise CheckpointError(f"{path}: not a checkpoint directory (expected {PARAMS}/ and "
                                   f"{CONFIG}, or train.py <step>/{PARAMS}/ and {CONFIG})")
+        if not (root / CONFIG).is_file() and config is None:
+            raise CorruptCheckpointError(f"{root / CONFIG}: missing (the checkpoint's config; pass "
+                                         "a config explicitly to load it anyway)")
+        if kind == "project" and config is None:
+            verify_digests(root, under=CONFIG)
         if config is None:
-            config = config_lib.config_from_json((root / CONFIG).read_text())
+            config = config_lib.read_config_json(root / CONFIG)
         model = _restore(params_dir, model_section(config))
         leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
         dtypes = sorted({str(x.dtype) for x in leaves})
         return model, config, dict(source=str(params_dir), format=kind, dtypes=dtypes,
                                    tensors=len(leaves))
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+    if config is not None:
+        config_lib.validate_model_config(model_section(config))
     model, model_cfg, info = import_weights(
         path, model_section(config) if config is not None else None, fmt=fmt, seed=seed)
     return model, config if config is not None else config_lib.base_config(model_cfg), info

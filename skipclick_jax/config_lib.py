@@ -70,26 +70,47 @@ def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
 
 
+class ConfigError(ValueError):
+    """A config value, key or file is invalid (the message names it)."""
+
+
+def split_config_arg(spec: str | pathlib.Path) -> tuple[pathlib.Path, str | None]:
+    """'configs/x.py:arg' -> (path, 'arg'); a path that exists as given keeps its colons."""
+    spec = str(spec)
+    path, sep, arg = spec.rpartition(":")
+    if not sep or pathlib.Path(spec).is_file() or not path:
+        return pathlib.Path(spec), None
+    return pathlib.Path(path), arg
+
+
 def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Loads `configs/x.py` (calls its `get_config(arg)`) or a `config.json` written beside a checkpoint."""
+    """Loads `configs/x.py` (calls its `get_config(arg)`; `path` may end in ':arg') or a
+    `config.json` written beside a checkpoint."""
+    if arg is None:
+        path, arg = split_config_arg(path)
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".json":
-        return config_from_json(path.read_text())
+        return read_config_json(path)
     spec = importlib.util.spec_from_file_location(f"_skipclick_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} defines no get_config()")
-    return module.get_config(arg) if arg is not None else module.get_config()
+        raise ConfigError(f"config file {path} defines no get_config()")
+    try:
+        return module.get_config(arg) if arg is not None else module.get_config()
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
 
 
 def config_to_json(cfg: ml_collections.ConfigDict) -> str:
     return cfg.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def config_from_json(text: str) -> ml_collections.ConfigDict:
+def config_from_json(text: str, source: str = "config JSON") -> ml_collections.ConfigDict:
+    """ConfigDict from `config_to_json` text (lists become tuples); ConfigError naming `source`."""
+
     def tuples(x):
         if isinstance(x, dict):
             return {k: tuples(v) for k, v in x.items()}
@@ -97,4 +118,203 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in x)
         return x
 
-    return ml_collections.ConfigDict(tuples(json.loads(text)))
+    if not text.strip():
+        raise ConfigError(f"{source} is empty (expected the JSON config written with the checkpoint)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source} is not valid JSON ({e}); it is corrupt or truncated") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} holds a JSON {type(data).__name__}, expected an object of sections")
+    return ml_collections.ConfigDict(tuples(data))
+
+
+def read_config_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """`config_from_json` of file `path`; errors name the file."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text JSON config (binary content); it is corrupt") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    return config_from_json(text, str(path))
+
+
+def flatten_config(cfg) -> dict[str, object]:
+    """{'section.key': leaf value} of a ConfigDict/dict (tuples and lists are leaves)."""
+    out = {}
+    items = cfg.items() if hasattr(cfg, "items") else ()
+    for k, v in items:
+        if hasattr(v, "items"):
+            sub = flatten_config(v)
+            out.update({f"{k}.{kk}": vv for kk, vv in sub.items()} or {k: {}})
+        else:
+            out[k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_diff(old, new) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every flattened key whose value differs (missing: '<absent>')."""
+    a, b = flatten_config(old), flatten_config(new)
+    absent = "<absent>"
+    return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(a.keys() | b.keys())
+            if _normal(a.get(k, absent)) != _normal(b.get(k, absent))]
+
+
+def _normal(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_normal(x) for x in v)
+    if isinstance(v, float) and v != v:
+        return "nan"
+    return v
+
+
+def _check(ok: bool, key: str, value, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"config value {key}={value!r} is invalid: {want}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_model_config(m: ml_collections.ConfigDict, prefix: str = "model") -> None:
+    """Checks the architecture values that would otherwise fail deep inside the model."""
+    def pos_int(key, node=m):
+        v = node[key.split(".")[-1]]
+        _check(_is_int(v) and v >= 1, f"{prefix}.{key}", v, "expected an integer >= 1")
+
+    for key in ("crop_size", "num_max_points"):
+        if key in m:
+            pos_int(key)
+    for section in ("backbone", "stack"):
+        if section not in m:
+            continue
+        node = m[section]
+        for key in ("dim", "depth", "heads", "patch"):
+            if key in node:
+                pos_int(f"{section}.{key}", node)
+        if "dim" in node and "heads" in node:
+            _check(node.dim % node.heads == 0, f"{prefix}.{section}.heads", node.heads,
+                   f"the head count must divide {prefix}.{section}.dim={node.dim}")
+    if "backbone" in m and "taps" in m.backbone and "depth" in m.backbone:
+        taps = tuple(m.backbone.taps)
+        _check(len(taps) >= 1 and all(_is_int(t) and 0 <= t < m.backbone.depth for t in taps),
+               f"{prefix}.backbone.taps", taps,
+               f"expected block indices in 0..{m.backbone.depth - 1} (backbone.depth={m.backbone.depth})")
+    if "crop_size" in m and "backbone" in m and "patch" in m.backbone:
+        _check(m.crop_size % m.backbone.patch == 0, f"{prefix}.crop_size", m.crop_size,
+               f"expected a multiple of the patch size {m.backbone.patch}")
+    if "head" in m and "upsample" in m.head:
+        factors = {"x1": 1, "x2": 2, "x4": 4}
+        _check(m.head.upsample in factors, f"{prefix}.head.upsample", m.head.upsample,
+               f"expected one of {sorted(factors)}")
+        e = m.head.get("embed_dim")
+        _check(_is_int(e) and e >= 1 and e % factors[m.head.upsample] == 0, f"{prefix}.head.embed_dim",
+               e, f"expected a positive multiple of {factors[m.head.upsample]} (upsample {m.head.upsample})")
+    if "neck" in m and "out_dims" in m.neck:
+        dims = tuple(m.neck.out_dims)
+        _check(len(dims) == 4 and all(_is_int(d) and d >= 1 for d in dims), f"{prefix}.neck.out_dims",
+               dims, "expected 4 positive integers")
+
+
+def validate_eval_config(e: ml_collections.ConfigDict, prefix: str = "eval") -> None:
+    """Checks the NoC protocol values (`evaluation.defaults.eval_defaults`)."""
+    def need(key, ok, want):
+        if key in e:
+            _check(ok(e[key]), f"{prefix}.{key}", e[key], want)
+
+    need("max_clicks", lambda v: _is_int(v) and v >= 1, "expected an integer >= 1")
+    need("points_per_polarity", lambda v: _is_int(v) and v >= 1, "expected an integer >= 1")
+    need("target_iou", lambda v: _number(v) and 0 < v <= 1.01, "expected a number in (0, 1.01]")
+    need("thresh", lambda v: _number(v) and 0 < v < 1, "expected a number in (0, 1)")
+    need("default_size", lambda v: _is_int(v) and v >= 1, "expected an integer >= 1")
+    need("batch_size", lambda v: _is_int(v) and v >= 0, "expected an integer >= 0 (0 = default)")
+    need("bucket", lambda v: _is_int(v) and v >= 1, "expected an integer >= 1")
+    need("overlays", lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")
+    for name, size in dict(e.get("sizes", {})).items():
+        _check(_is_int(size) and size >= 1, f"{prefix}.sizes.{name}", size, "expected an integer >= 1")
+
+
+_OPEN_SECTIONS = ("eval.sizes",)  # any dataset name or prefix may be a key
+
+
+def _unknown_keys(node, reference, prefix: str) -> None:
+    for key in node.keys():
+        if key not in reference:
+            raise ConfigError(f"unknown config key {prefix}.{key} (value {node[key]!r}); known keys "
+                              f"of {prefix}: {sorted(reference.keys())}")
+        if (hasattr(node[key], "items") and hasattr(reference[key], "items") and reference[key]
+                and f"{prefix}.{key}" not in _OPEN_SECTIONS):
+            _unknown_keys(node[key], reference[key], f"{prefix}.{key}")
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Refuses a full experiment config with unknown train/data/eval keys or invalid values,
+    naming the key and the value. Returns `cfg`."""
+    import dataclasses
+
+    from skipclick_jax.data.eval_datasets import EVAL_DATASETS
+    from skipclick_jax.data.synthetic import SyntheticConfig
+    from skipclick_jax.data.train_datasets import TRAIN_DATASETS, TRAIN_SPLITS
+    from skipclick_jax.evaluation.defaults import eval_defaults
+    from skipclick_jax.train.defaults import data_defaults, train_defaults
+
+    for section in ("model", "train", "data", "eval"):
+        if section not in cfg:
+            raise ConfigError(f"config has no {section!r} section (sections: {sorted(cfg.keys())})")
+    validate_model_config(cfg.model)
+    validate_eval_config(cfg.eval)
+    t, d = cfg.train, cfg.data
+    _unknown_keys(t, train_defaults(), "train")
+    _unknown_keys(cfg.eval, eval_defaults(), "eval")
+    reference = data_defaults()
+    reference.synthetic = {f.name: None for f in dataclasses.fields(SyntheticConfig)}
+    reference.eval_roots = {name: "" for name in EVAL_DATASETS}
+    _unknown_keys(d, reference, "data")
+
+    def need(node, prefix, key, ok, want):
+        if key in node:
+            _check(ok(node[key]), f"{prefix}.{key}", node[key], want)
+
+    def pos_int(v):
+        return _is_int(v) and v >= 1
+
+    for key in ("batch_size", "keep_checkpoints", "log_every_steps"):
+        need(t, "train", key, pos_int, "expected an integer >= 1")
+    for key in ("num_steps", "checkpoint_every_steps", "image_summary_every_steps", "seed"):
+        need(t, "train", key, _is_int, "expected an integer")
+    for key in ("num_epochs", "num_image_summaries", "max_num_next_clicks"):
+        need(t, "train", key, lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")
+    need(t, "train", "pred_thresh", lambda v: _number(v) and 0 <= v <= 1, "expected a number in [0, 1]")
+    if "optimizer" in t:
+        need(t.optimizer, "train.optimizer", "lr", lambda v: _number(v) and not v < 0,
+             "expected a number >= 0")
+    if "mesh" in t:
+        for key in ("data", "fsdp"):
+            need(t.mesh, "train.mesh", key, lambda v: _is_int(v) and (v == -1 or v >= 1),
+                 "expected -1 (all remaining devices) or an integer >= 1")
+    need(d, "data", "name", lambda v: v in TRAIN_DATASETS, f"expected one of {TRAIN_DATASETS}")
+    need(d, "data", "split", lambda v: v in TRAIN_SPLITS, f"expected one of {TRAIN_SPLITS}")
+    need(d, "data", "num_workers", lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")
+    need(d, "data", "min_object_area", lambda v: _number(v) and v >= 0, "expected a number >= 0")
+    for key in ("stuff_prob", "keep_background_prob"):
+        need(d, "data", key, lambda v: _number(v) and 0 <= v <= 1, "expected a probability in [0, 1]")
+    need(d, "data", "epoch_len", pos_int, "expected an integer >= 1")
+    if "epoch_len" in d and "batch_size" in t and _is_int(t.batch_size):
+        _check(d.epoch_len >= t.batch_size, "data.epoch_len", d.epoch_len,
+               f"must be at least train.batch_size={t.batch_size}")
+    if "eval_datasets" in d:
+        for name in tuple(d.eval_datasets):
+            _check(name in EVAL_DATASETS, "data.eval_datasets", tuple(d.eval_datasets),
+                   f"{name!r} is not one of {EVAL_DATASETS}")
+    try:
+        SyntheticConfig(**dict(d.get("synthetic", {})))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config value data.synthetic={dict(d.synthetic)!r} is invalid: {e}") from None
+    return cfg

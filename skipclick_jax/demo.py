@@ -23,6 +23,13 @@ from skipclick_jax.visualize import overlay
 
 ASSET = pathlib.Path(__file__).parent / "assets" / "demo.png"
 DEMO_CLICKS = [(170, 150, True), (120, 320, False), (200, 120, True), (300, 350, False), (150, 200, True)]
+DEMO_HW = (336, 448)  # the asset's size, for which DEMO_CLICKS are given
+
+
+def demo_clicks(height: int, width: int) -> list[tuple[int, int, bool]]:
+    """DEMO_CLICKS moved to the same relative positions in a height x width image."""
+    return [(min(height - 1, r * height // DEMO_HW[0]), min(width - 1, c * width // DEMO_HW[1]), p)
+            for r, c, p in DEMO_CLICKS]
 
 
 def main(argv=None) -> None:
@@ -39,19 +46,26 @@ def main(argv=None) -> None:
 
         model, _ = load(args.checkpoint)
     else:
-        model = build_model(config_lib.load_config_file(args.config).model)
-    image = np.asarray(Image.open(args.image).convert("RGB"))
+        model_cfg = config_lib.load_config_file(args.config).model
+        config_lib.validate_model_config(model_cfg)
+        model = build_model(model_cfg)
+    try:
+        with Image.open(args.image) as im:
+            image = np.asarray(im.convert("RGB"))
+    except OSError as e:
+        parser.error(f"--image {args.image}: cannot read it as an image ({e})")
+    clicks = demo_clicks(*image.shape[:2])
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     predictor = Predictor(model)
     predictor.set_image(image)  # compiles
-    predictor.add_click(*DEMO_CLICKS[0])  # compiles the per-click path
+    predictor.add_click(*clicks[0])  # compiles the per-click path
     t0 = time.perf_counter()
     predictor.set_image(image)  # returns once the encoding is computed
     print(f"image {image.shape[1]}x{image.shape[0]} -> {predictor.size}x{predictor.size}: "
           f"encode {1e3 * (time.perf_counter() - t0):.1f} ms")
-    for k, (row, col, positive) in enumerate(DEMO_CLICKS, 1):
+    for k, (row, col, positive) in enumerate(clicks, 1):
         t0 = time.perf_counter()
         prob = predictor.add_click(row, col, positive)
         ms = 1e3 * (time.perf_counter() - t0)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from skipclick_jax import resize
+from skipclick_jax.images import as_float_image
 from skipclick_jax.model import SkipClick, decode_fn, encode_fn
 
 
@@ -77,7 +78,7 @@ class Predictor:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image must be [H, W, 3] RGB, got shape {image.shape}")
-        img = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        img = as_float_image(image)
         self.height, self.width = image.shape[:2]
         self._encoding = jax.block_until_ready(self._encode_jit(self._state, jnp.asarray(img)))
         self._history = [_Step([], np.zeros((self.height, self.width), np.float32))]

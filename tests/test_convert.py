@@ -327,6 +327,8 @@ def test_train_run_directory_loads_latest_step(released, tmp_path):
         pure["head"]["conv_seg"]["bias"] = np.full((1,), step, np.float32)
         manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(pure)))
     manager.wait_until_finished()
+    for step in (5, 10):
+        checkpoint.write_digests(root / str(step))  # as train.py seals a completed step
     loaded, loaded_cfg = checkpoint.load(tmp_path / "run")
     assert float(np.asarray(loaded.head.conv_seg.bias[...])[0]) == 10.0
     assert loaded_cfg.model.to_dict() == cfg.to_dict()

@@ -28,7 +28,7 @@ def small_config(data_dir: str):
     cfg.model.backbone.update(depth=4, taps=(0, 1, 2, 3))
     cfg.train.update(batch_size=4, num_steps=4, checkpoint_every_steps=1, keep_checkpoints=10,
                      log_every_steps=1, image_summary_every_steps=0, eval_untrained=False)
-    cfg.data.update(crop_size=56, epoch_len=64, data_dir=data_dir, eval_datasets=())
+    cfg.data.update(epoch_len=64, data_dir=data_dir, eval_datasets=())
     cfg.data.synthetic.update(image_size=(56, 56), num_train=16, num_val=4)
     return cfg
 

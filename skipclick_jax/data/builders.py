@@ -3,8 +3,10 @@
 A dataset is built once from Python (never the `tfds` CLI) into
 `<data_dir>/skipclick_{eval,train}/<config name>/<version>/` and read back as a random-access
 `ArrayRecordDataSource`. The config name carries a digest of whatever determines the content
-(the resolved root folder, the split, the synthetic config), so a different root gets its own
-build. Examples are written in generation order (shuffling disabled), so record i has index i.
+(the resolved root folder with the `folder_fingerprint` of its files, the split, the synthetic
+config), so a different root, or a root whose files changed, gets its own build. Builds of one
+config are serialised by a file lock, so concurrent processes build it once and share it.
+Examples are written in generation order (shuffling disabled), so record i has index i.
 
 Eval record (one per evaluated instance): 'index' int64, 'id' str '<image stem>#<instance>',
 'image' the original file's bytes, 'float_image' bool (decode with PIL to float32 instead of
@@ -17,6 +19,7 @@ Train record (one per image): 'id' str, 'image' file bytes, 'layers' uint8 [H,W,
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import pathlib
@@ -117,10 +120,31 @@ def config_name(name: str, split: str, *key: object) -> str:
     return f"{re.sub('[^a-z0-9_]', '', name.lower())}-{split}-{digest}"
 
 
+def folder_fingerprint(root: pathlib.Path) -> str:
+    """SHA-1 of (relative path, size, mtime in ns) of every file below `root` (symlinks followed;
+    unreadable entries count by name), so any added, removed, resized or rewritten file changes it."""
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+                entries.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
+            except OSError:
+                entries.append((os.path.relpath(path, root), -1, -1))
+    return hashlib.sha1(repr(entries).encode()).hexdigest()
+
+
+def folder_key(path: pathlib.Path) -> tuple[str, str]:
+    """The cache key of a dataset folder: (resolved path, `folder_fingerprint`)."""
+    return str(path), folder_fingerprint(path) if path.is_dir() else "missing"
+
+
 def resolve_root(root: str | os.PathLike | None, dataset: str) -> pathlib.Path:
-    """`root` made absolute with symlinks resolved (the cache key; the folder is only read when
-    the dataset is not built yet)."""
-    if root is None:
+    """`root` made absolute with symlinks resolved (with `folder_fingerprint`, the cache key; the
+    files are only read when that build does not exist yet)."""
+    if root is None or str(root) == "":
         raise ValueError(f"{dataset}: a dataset root folder is required")
     return pathlib.Path(root).expanduser().resolve()
 
@@ -140,10 +164,13 @@ def build_source(
     """
     builder_cls = {"eval": SkipclickEval, "train": SkipclickTrain}[kind]
     data_dir = pathlib.Path(data_dir or DEFAULT_DATA_DIR).expanduser()
-    builder = builder_cls(
-        config=SourceConfig(name=config_name, split=split, examples=examples),
-        data_dir=str(data_dir),
-        file_format="array_record",
-    )
-    builder.download_and_prepare()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / f".{kind}-{config_name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds the build done
+        builder = builder_cls(
+            config=SourceConfig(name=config_name, split=split, examples=examples),
+            data_dir=str(data_dir),
+            file_format="array_record",
+        )
+        builder.download_and_prepare()
     return builder.as_data_source(split)

@@ -1,7 +1,7 @@
 """Evaluation datasets (spec §5.1, §6): one record per evaluated instance, in the original's order.
 
 `load_eval_dataset(name, root)` builds the TFDS eval records from the original folder on first
-use (cached per resolved root) and returns a grain `MapDataset` of decoded samples.
+use (cached per resolved root and fingerprint of its files) and returns a grain `MapDataset` of decoded samples.
 Instance `k` of an image (0-based, in the original's instance order) has id '<image stem>#k'.
 """
 
@@ -60,7 +60,7 @@ def load_eval_dataset(
     else:
         path = builders.resolve_root(root, name)
         examples = functools.partial(fd.folder_examples, _FOLDER_EXAMPLES[name], path, name)
-        config = builders.config_name(name, "val", str(path))
+        config = builders.config_name(name, "val", *builders.folder_key(path))
     source = builders.build_source("eval", config, "val", examples, data_dir)
     return grain.MapDataset.source(source).map_with_index(decode_eval_record)
 

@@ -1,7 +1,7 @@
 """Training datasets (spec §4.2, §6): one record per image with all its object masks.
 
 `load_train_source(name, root, split)` builds the TFDS train records from the original folder on
-first use (cached per resolved root and split) and returns a picklable random-access source of
+first use (cached per resolved root, fingerprint of its files and split) and returns a picklable random-access source of
 decoded samples, for `grain.MapDataset.source(...)`.
 Object k of a sample has mask `layers[..., objects[k, 0]] == objects[k, 1]`; objects with
 index >= num_instance_masks are stuff regions (COCO+LVIS only).
@@ -84,7 +84,7 @@ def load_train_source(
     else:
         path = builders.resolve_root(root, name)
         examples = functools.partial(fd.folder_examples, _FOLDER_EXAMPLES[name], path, name, split)
-        config = builders.config_name(name, split, str(path))
+        config = builders.config_name(name, split, *builders.folder_key(path))
     return TrainSource(builders.build_source("train", config, split, examples, data_dir), name)
 
 

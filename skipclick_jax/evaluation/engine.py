@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from skipclick_jax import resize
 from skipclick_jax.clicks import eval_next_click
 from skipclick_jax.evaluation.defaults import size_for
+from skipclick_jax.images import as_float_image
 
 Taps = tuple[jax.Array, jax.Array]  # (indices int32 [B, n_out, 2], weights float32 [B, n_out, 2])
 
@@ -338,9 +339,7 @@ def _as_float_image(image: np.ndarray, sample_id: str) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"sample {sample_id!r}: image must be [H,W,3], got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / np.float32(255)  # ToTensor
-    return image.astype(np.float32)
+    return as_float_image(image, f"sample {sample_id!r}: image")  # uint8: ToTensor
 
 
 def make_batch(samples: list[dict], protocol: Protocol, shape: tuple[int, int],

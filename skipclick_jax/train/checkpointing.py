@@ -1,17 +1,23 @@
-"""Orbax checkpoints of a training run: async save, keep last N, resume from the latest good step.
+"""Orbax checkpoints of a training run: async save, keep last N, resume from the newest step that
+verifies, an exclusive lock on the run directory.
 
 Layout under `<workdir>/checkpoints/`:
-  config.json                 the experiment config (config_lib.config_from_json reads it)
+  config.json                 the experiment config (config_lib.read_config_json reads it)
   <step>/params/              full model state (trainable + frozen) as nnx.to_pure_dict, StandardSave
   <step>/train/               {'step', 'opt_state', 'rng'} (StandardSave)
   <step>/dataset/             grain iterator state, process_<i>-of-<n>.json
+  <step>/SHA256SUMS.json      size and SHA-256 of every file of the step, written once it is complete
+`<workdir>/train.lock` is held (flock) by the process-0 trainer while it runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import pathlib
+import socket
 import time
 from typing import Any
 
@@ -21,9 +27,28 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from skipclick_jax import config_lib
+from skipclick_jax.checkpoint import CorruptCheckpointError, verify_digests, write_digests
 from skipclick_jax.train.state import TrainState, merge_dicts, pick
 
 log = logging.getLogger(__name__)
+
+# Keys that may change when a run is resumed: how long it runs, how it logs, where it evaluates.
+# Any other difference to the run's config.json is refused (it would silently mix two experiments).
+RESUMABLE_KEYS = (
+    "train.num_steps", "train.num_epochs", "train.checkpoint_every_steps", "train.keep_checkpoints",
+    "train.log_every_steps", "train.image_summary_every_steps", "train.num_image_summaries",
+    "train.eval_untrained", "train.distributed", "train.mesh.", "data.num_workers", "data.data_dir",
+    "data.eval_datasets", "data.eval_roots.", "eval.",
+)
+LOCK_FILE = "train.lock"
+
+
+class WorkdirError(RuntimeError):
+    """The run directory cannot be used as asked (in use, another config, unreadable)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed; the earlier checkpoints are untouched."""
 
 
 class _IteratorSnapshot:
@@ -36,50 +61,185 @@ class _IteratorSnapshot:
         return self._state
 
 
+class WorkdirLock:
+    """Exclusive `flock` on `<workdir>/train.lock`, holding {pid, host, started} while held.
+
+    The kernel drops the lock when its process dies, so a lock file with content but no holder is
+    a stale lock of a run that did not exit cleanly: it is reported (warning) and taken over.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path):
+        self.path = pathlib.Path(workdir).absolute() / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._read()
+            os.close(self._fd)
+            raise WorkdirError(
+                f"{self.path.parent} is in use by another train.py run ({holder}); wait for it to "
+                "finish or pass another --workdir") from None
+        stale = self._read()
+        if stale != "no holder recorded":
+            log.warning("stale lock %s found (%s): that run did not exit cleanly; taking it over",
+                        self.path, stale)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                            started=time.strftime("%Y-%m-%d %H:%M:%S"))).encode(), 0)
+
+    def _read(self) -> str:
+        try:
+            info = json.loads(os.pread(self._fd, 4096, 0).decode() or "null")
+            return (f"pid {info['pid']} on {info['host']}, started {info['started']}" if info
+                    else "no holder recorded")
+        except (ValueError, KeyError, TypeError):
+            return "unreadable lock file"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class Checkpointer:
-    """Saves/restores (TrainState, frozen params, data iterator) under `<workdir>/checkpoints`."""
+    """Saves/restores (TrainState, frozen params, data iterator) under `<workdir>/checkpoints`.
+
+    Construction locks the workdir (process 0) and refuses a config that differs from the run's
+    config.json in anything but `RESUMABLE_KEYS`, before anything is written. Use it as a context
+    manager (or call `close`) to release the lock.
+    """
 
     def __init__(self, workdir: str | pathlib.Path, *, keep: int, config: ml_collections.ConfigDict):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            item_names=("params", "train", "dataset"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
-        if jax.process_index() == 0:
-            (self.directory / "config.json").write_text(config_lib.config_to_json(config))
+        if keep < 1:
+            raise config_lib.ConfigError(f"config value train.keep_checkpoints={keep!r} is invalid: "
+                                         "expected an integer >= 1")
+        workdir = pathlib.Path(workdir).absolute()
+        self.directory = workdir / "checkpoints"
+        self._main = jax.process_index() == 0
+        self._lock = WorkdirLock(workdir) if self._main else None
+        self._pending: int | None = None
+        self._closed = False
+        try:
+            self._check_config(config)
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                item_names=("params", "train", "dataset"),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, create=True,
+                    # A failing directory creation (read-only, full disk) raises in save() at once
+                    # instead of in a background thread that others wait on for minutes.
+                    async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)),
+            )
+            if self._main:
+                probe = self.directory / f".write_probe_{os.getpid()}"
+                try:
+                    probe.write_text("")
+                    probe.unlink()
+                except OSError as e:
+                    raise CheckpointSaveError(f"checkpoint directory {self.directory} is not "
+                                              f"writable ({e}); nothing was trained") from None
+                (self.directory / "config.json").write_text(config_lib.config_to_json(config))
+        except BaseException:
+            self._release()
+            raise
+
+    def _step_dirs(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+    def _check_config(self, config: ml_collections.ConfigDict) -> None:
+        steps = self._step_dirs()
+        if not steps:
+            return
+        path = self.directory / "config.json"
+        hint = ("To start a new run, pass another --workdir; to continue this one, use its config "
+                f"(python train.py --config {path} --workdir {self.directory.parent}).")
+        if not path.is_file():
+            raise WorkdirError(f"{path} is missing, but {self.directory} holds checkpoints "
+                               f"(steps {steps}): cannot tell which config they belong to. {hint}")
+        try:
+            stored = config_lib.read_config_json(path)
+        except config_lib.ConfigError as e:
+            raise WorkdirError(f"{e}; {self.directory} holds checkpoints (steps {steps}) of that "
+                               f"config. {hint}") from None
+        fresh = config_lib.config_from_json(config_lib.config_to_json(config))  # same JSON round trip
+        diff = [(k, a, b) for k, a, b in config_lib.config_diff(stored, fresh)
+                if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)]
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in diff[:12])
+            more = f" (and {len(diff) - 12} more)" if len(diff) > 12 else ""
+            raise WorkdirError(
+                f"{self.directory.parent} holds a run (checkpoint steps {steps}) with another config: "
+                f"{lines}{more}. Nothing was changed. {hint}")
 
     def save(self, state: TrainState, frozen: dict[str, Any], iterator) -> None:
-        """Starts an async save of step `state.step` (returns before the files are written)."""
+        """Starts an async save of step `state.step` (returns before the files are written; the
+        previous save is completed and sealed with its digests first)."""
+        self._seal()
+        step = int(state.step)
         train = dict(step=state.step, opt_state=state.opt_state, rng=state.rng)
-        self.manager.save(
-            int(state.step),
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(merge_dicts(state.params, frozen)),
-                train=ocp.args.StandardSave(train),
-                dataset=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator)),
-            ),
-        )
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(merge_dicts(state.params, frozen)),
+                    train=ocp.args.StandardSave(train),
+                    dataset=grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator)),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - any failure: stop, keep the older steps
+            raise CheckpointSaveError(
+                f"saving checkpoint step {step} in {self.directory} failed ({type(e).__name__}: {e}); "
+                f"training stopped; the earlier checkpoints (steps {self._step_dirs()}) are kept") from e
+        self._pending = step
+
+    def _seal(self) -> None:
+        """Waits for the pending save, then records its digests (the step counts only then)."""
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+            if self._main:
+                write_digests(self.directory / str(step))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointSaveError(
+                f"saving checkpoint step {step} in {self.directory} failed ({type(e).__name__}: {e}); "
+                f"the earlier checkpoints are kept") from e
 
     def restore_latest(
         self, state: TrainState, frozen: dict[str, Any], iterator
     ) -> tuple[TrainState, dict[str, Any]] | None:
-        """Loads the newest readable step; None if there is none.
+        """Loads the newest step whose files match their digests; None if there are no steps.
 
         `state`/`frozen` are the targets: jax.ShapeDtypeStructs (or arrays) whose shardings the
         restored arrays get.
 
-        Model/optimizer arrays are read first into new arrays; only when they are complete is the
-        iterator state applied, so a broken step never leaves anything half loaded. Broken steps
-        are logged, renamed to `corrupt_<step>` and skipped in favour of older ones.
+        Steps that fail verification (corrupted, truncated, deleted or unsealed files) are logged
+        and renamed `corrupt_<step>_<time>` (nothing is deleted) once an older step verifies; if
+        none does, a WorkdirError is raised and nothing is renamed. Model/optimizer arrays are
+        read first into new arrays; only when they are complete is the iterator state applied.
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        bad = []
+        for step in steps:
             try:
-                return self._restore(step, state, frozen, iterator)
-            except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, never used
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); skipping it",
-                            self.directory, step, type(e).__name__, e)
-                self._quarantine(step)
+                verify_digests(self.directory / str(step))
+            except CorruptCheckpointError as e:
+                log.warning("checkpoint %s/%d is unreadable (%s); skipping it", self.directory, step, e)
+                bad.append((step, str(e)))
+                continue
+            for b, _ in bad:
+                self._quarantine(b)
+            return self._restore(step, state, frozen, iterator)
+        if bad:
+            problems = "; ".join(f"step {s}: {m}" for s, m in bad)
+            raise WorkdirError(
+                f"no checkpoint in {self.directory} verifies ({problems}). Nothing was changed; move "
+                f"{self.directory.parent} away or pass another --workdir to start a new run")
         return None
 
     def _restore(self, step, state, frozen, iterator):
@@ -92,7 +252,8 @@ class Checkpointer:
             ),
         )
         if int(full.train["step"]) != step:
-            raise ValueError(f"train/step is {int(full.train['step'])}, expected {step}")
+            raise CorruptCheckpointError(f"{self.directory}/{step}: train/step is "
+                                         f"{int(full.train['step'])}, expected {step}")
         self.manager.restore(
             step, args=ocp.args.Composite(dataset=grain.checkpoint.CheckpointRestore(iterator))
         )
@@ -105,10 +266,13 @@ class Checkpointer:
         return new, pick(full.params, frozen)
 
     def _quarantine(self, step: int) -> None:
-        if jax.process_index() == 0:
+        if self._main:
             path = self.directory / str(step)
             if path.exists():
-                path.rename(self.directory / f"corrupt_{step}_{int(time.time())}")
+                target = self.directory / f"corrupt_{step}_{int(time.time())}"
+                path.rename(target)
+                log.warning("checkpoint %s failed verification; moved to %s (kept for inspection)",
+                            path, target)
         self.manager.reload()
 
     @property
@@ -116,7 +280,46 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._seal()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def close(self) -> None:
-        self.manager.close()
+        """Completes the pending save, closes the manager and releases the workdir lock."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if hasattr(self, "manager"):
+                self._seal()
+                self.manager.close()
+        finally:
+            self._release()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drops the rows of metrics.jsonl after `step` (those of a run that stopped after its last
+    checkpoint, which the resumed run logs again); rewritten beside, then renamed."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut off by a kill
+        if row_step <= step:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)

@@ -28,6 +28,10 @@ STORAGE_DTYPES = {
 }
 
 
+# A state dict's tensors declare at most this many bytes per byte of file (shared/tied views).
+MAX_DECLARED_RATIO = 4
+
+
 class IsegmStub:
     """Inert stand-in for an `isegm.*` class or function: records its arguments and state only."""
 
@@ -46,9 +50,30 @@ class _StorageType:
         self.name, self.dtype = name, np.dtype(STORAGE_DTYPES[name])
 
 
+def _int_tuple(value, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CheckpointError(f"tensor {what} is {value!r}, expected a tuple of integers")
+    return tuple(value)
+
+
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    size, stride = tuple(size), tuple(stride)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    """A read-only view of `storage`; refuses views that declare more elements than the storage
+    holds (zero or overlapping strides), negative sizes/strides and out-of-range offsets."""
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise CheckpointError(f"tensor rebuilt from a {type(storage).__name__} where a storage is "
+                              "expected")
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise CheckpointError(f"tensor storage offset is {offset!r}, expected an integer")
+    size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+    if len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride):
+        raise CheckpointError(f"tensor has size {size} and stride {stride}: expected equally many "
+                              "non-negative entries")
+    numel = int(np.prod(size, dtype=object))
+    if numel > storage.size:
+        raise CheckpointError(f"tensor of size {size} declares {numel} elements over a storage of "
+                              f"{storage.size} (zero or overlapping strides {stride}); refused")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if numel else offset - 1
     if offset < 0 or last >= storage.size:
         raise CheckpointError(f"tensor of size {size} at offset {offset} overruns its storage "
                               f"({storage.size} elements)")
@@ -153,8 +178,37 @@ def load_pth(path: str | pathlib.Path):
 
         with archive.open(pkl[0]) as fh:
             try:
-                return RestrictedUnpickler(fh, load_storage, str(path)).load()
-            except CheckpointError:
-                raise
-            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-                raise CheckpointError(f"{path}: corrupt pickle in {pkl[0]}: {err}") from err
+                obj = RestrictedUnpickler(fh, load_storage, str(path)).load()
+            except CheckpointError as err:
+                if str(err).startswith(str(path)):
+                    raise
+                raise CheckpointError(f"{path}: {err}") from None
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                    IndexError, KeyError, zipfile.BadZipFile) as err:
+                raise CheckpointError(f"{path}: corrupt pickle in {pkl[0]}: "
+                                      f"{type(err).__name__}: {err}") from None
+        _check_total(obj, path, file_size)
+        return obj
+
+
+def _check_total(obj, path: pathlib.Path, file_size: int) -> None:
+    """Refuses a file whose tensors declare far more data than the file holds (views sharing one
+    storage beyond what any real checkpoint does)."""
+    total, stack, seen = 0, [obj], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, np.ndarray):
+            total += x.nbytes
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend(x)
+        elif isinstance(x, IsegmStub):
+            stack.extend([getattr(x, "args", ()), getattr(x, "kwargs", {}), getattr(x, "state", None)])
+    if total > MAX_DECLARED_RATIO * file_size + (1 << 20):
+        raise CheckpointError(f"{path}: its tensors declare {total / 2**20:.1f} MiB over "
+                              f"{file_size / 2**20:.1f} MiB of file; implausible for a checkpoint, "
+                              "refused")

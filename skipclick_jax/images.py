@@ -1,0 +1,42 @@
+"""The one check of an RGB image given to a model: documented dtypes and ranges only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Float images may exceed [0, 1] by this much (rounding in resizes / colour conversions).
+FLOAT_TOLERANCE = 1e-3
+
+
+def as_float_image(image, what: str = "image") -> np.ndarray:
+    """[H, W, 3] uint8 in 0..255 or floating in 0..1 -> float32 [H, W, 3] in [0, 1].
+
+    Raises ValueError naming `what` for another shape, an empty image, another dtype (uint16,
+    int32, bool, ...), a float image outside 0..1 (e.g. 0..255) or NaN/inf pixels, with how to
+    convert it.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{what} must be [H, W, 3] RGB, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {image.shape})")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255)
+    if not np.issubdtype(image.dtype, np.floating) and image.dtype.name != "bfloat16":
+        hint = ("for 16-bit images use (image / 65535).astype(np.float32); " if image.dtype == np.uint16
+                else "")
+        raise ValueError(
+            f"{what} has dtype {image.dtype}; expected uint8 in 0..255 or float in 0..1 ({hint}for "
+            "integer values in 0..255 use image.astype(np.uint8))")
+    image = image.astype(np.float32)
+    finite = np.isfinite(image)
+    if not finite.all():
+        bad = np.argwhere(~finite.all(axis=-1))[0]
+        raise ValueError(f"{what} has {int((~finite).sum())} NaN/inf values (first at pixel "
+                         f"{tuple(int(i) for i in bad)}); clean them before segmenting")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -FLOAT_TOLERANCE or hi > 1 + FLOAT_TOLERANCE:
+        hint = ("it looks like 0..255: pass image.astype(np.uint8) or image / 255" if hi <= 255 + FLOAT_TOLERANCE
+                and lo >= -FLOAT_TOLERANCE else "rescale it to 0..1")
+        raise ValueError(f"float {what} has values in [{lo:g}, {hi:g}], expected 0..1; {hint}")
+    return np.clip(image, 0.0, 1.0)
