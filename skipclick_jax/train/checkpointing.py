@@ -32,12 +32,14 @@ from skipclick_jax.train.state import TrainState, merge_dicts, pick
 
 log = logging.getLogger(__name__)
 
-# Keys that may change when a run is resumed: how long it runs, how it logs, where it evaluates.
-# Any other difference to the run's config.json is refused (it would silently mix two experiments).
+# Keys that may change when a run is resumed (logged): how long it runs, its learning rate, how it
+# logs, where it evaluates. Any other difference to the run's config.json (the model, the data,
+# the batch, the seed, the loss) is refused: it would silently mix two experiments.
 RESUMABLE_KEYS = (
     "train.num_steps", "train.num_epochs", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.log_every_steps", "train.image_summary_every_steps", "train.num_image_summaries",
-    "train.eval_untrained", "train.distributed", "train.mesh.", "data.num_workers", "data.data_dir",
+    "train.eval_untrained", "train.distributed", "train.mesh.", "train.optimizer.",
+    "train.lr_milestones", "train.lr_gamma", "data.num_workers", "data.data_dir",
     "data.eval_datasets", "data.eval_roots.", "eval.",
 )
 LOCK_FILE = "train.lock"
@@ -70,6 +72,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str | pathlib.Path):
         self.path = pathlib.Path(workdir).absolute() / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,6 +126,15 @@ class Checkpointer:
         self._closed = False
         try:
             self._check_config(config)
+            if self._main:
+                self.directory.mkdir(exist_ok=True)
+                probe = self.directory / f".write_probe_{os.getpid()}"
+                try:
+                    probe.write_text("")
+                    probe.unlink()
+                except OSError as e:
+                    raise CheckpointSaveError(f"checkpoint directory {self.directory} is not "
+                                              f"writable ({e}); nothing was trained") from None
             self.manager = ocp.CheckpointManager(
                 self.directory,
                 item_names=("params", "train", "dataset"),
@@ -133,13 +145,6 @@ class Checkpointer:
                     async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)),
             )
             if self._main:
-                probe = self.directory / f".write_probe_{os.getpid()}"
-                try:
-                    probe.write_text("")
-                    probe.unlink()
-                except OSError as e:
-                    raise CheckpointSaveError(f"checkpoint directory {self.directory} is not "
-                                              f"writable ({e}); nothing was trained") from None
                 (self.directory / "config.json").write_text(config_lib.config_to_json(config))
         except BaseException:
             self._release()
@@ -166,8 +171,13 @@ class Checkpointer:
             raise WorkdirError(f"{e}; {self.directory} holds checkpoints (steps {steps}) of that "
                                f"config. {hint}") from None
         fresh = config_lib.config_from_json(config_lib.config_to_json(config))  # same JSON round trip
-        diff = [(k, a, b) for k, a, b in config_lib.config_diff(stored, fresh)
-                if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)]
+        diff, allowed = [], []
+        for k, a, b in config_lib.config_diff(stored, fresh):
+            ok = any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_KEYS)
+            (allowed if ok else diff).append((k, a, b))
+        if allowed and not diff:
+            log.warning("resuming %s with changed %s", self.directory.parent,
+                        "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed))
         if diff:
             lines = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, a, b in diff[:12])
             more = f" (and {len(diff) - 12} more)" if len(diff) > 12 else ""
