@@ -265,5 +265,16 @@ def main(argv):
         sys.exit(f"train.py: error: {e}")
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a bad --config file or --config.<key>=<value> as one error line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"train.py: error: {e}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = str(e).replace("\\'", "'").replace("\\n", " ").strip("'\"")
+        sys.exit(f"train.py: error: bad --config or --config.<key>=<value>: {msg}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
