@@ -126,6 +126,7 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
         raise checkpointing.WorkdirError(
             f"{workdir} already holds step {start}, past train.num_steps={num_steps}; evaluate it "
             f"with eval.py --checkpoint {workdir}, or pass another --workdir to train {num_steps} steps")
+    ckpt.write_config()
     if is_main:
         checkpointing.truncate_metrics(workdir / "metrics.jsonl", start)
 

@@ -40,9 +40,10 @@ def small_config(data_dir: str):
 
 
 def _tree(path: pathlib.Path) -> dict[str, tuple[int, int]]:
-    """relative path -> (size, mtime_ns) of every file and folder below `path`."""
-    return {p.relative_to(path).as_posix(): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*"))}
+    """relative path -> (size, mtime_ns) of every file below `path` (folders: their names), except
+    the lock file, which every attempt takes and releases."""
+    return {p.relative_to(path).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(path.rglob("*")) if p.name != "train.lock"}
 
 
 def _largest(folder: pathlib.Path) -> pathlib.Path:

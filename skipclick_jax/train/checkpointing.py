@@ -110,8 +110,9 @@ class Checkpointer:
     """Saves/restores (TrainState, frozen params, data iterator) under `<workdir>/checkpoints`.
 
     Construction locks the workdir (process 0) and refuses a config that differs from the run's
-    config.json in anything but `RESUMABLE_KEYS`, before anything is written. Use it as a context
-    manager (or call `close`) to release the lock.
+    config.json in anything but `RESUMABLE_KEYS`, before anything is written; `write_config`
+    records the config once the caller accepts the run. Use it as a context manager (or call
+    `close`) to release the lock.
     """
 
     def __init__(self, workdir: str | pathlib.Path, *, keep: int, config: ml_collections.ConfigDict):
@@ -144,11 +145,18 @@ class Checkpointer:
                     # instead of in a background thread that others wait on for minutes.
                     async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)),
             )
-            if self._main:
-                (self.directory / "config.json").write_text(config_lib.config_to_json(config))
+            self._config = config
         except BaseException:
             self._release()
             raise
+
+    def write_config(self) -> None:
+        """Writes the run's config.json (once the run is accepted, before its first save)."""
+        if self._main:
+            path = self.directory / "config.json"
+            text = config_lib.config_to_json(self._config)
+            if not path.is_file() or path.read_text() != text:
+                path.write_text(text)
 
     def _step_dirs(self) -> list[int]:
         if not self.directory.is_dir():
