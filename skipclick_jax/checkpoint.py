@@ -117,8 +117,12 @@ def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.Confi
 
 
 def _latest_train_step(root: pathlib.Path) -> pathlib.Path | None:
-    steps = [p for p in root.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir()]
-    return max(steps, key=lambda p: int(p.name)) / PARAMS if steps else None
+    """params/ of the newest sealed step (one with digests; a step still being written or sealed
+    is passed over), else of the newest step (which then fails verification)."""
+    steps = sorted((p for p in root.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir()),
+                   key=lambda p: int(p.name), reverse=True)
+    sealed = [p for p in steps if (p / DIGESTS).is_file()]
+    return (sealed or steps)[0] / PARAMS if steps else None
 
 
 def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> SkipClick:
