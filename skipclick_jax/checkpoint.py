@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -33,6 +34,7 @@ from skipclick_jax.weights.importer import import_weights, model_section
 from skipclick_jax.weights.mapping import flatten
 
 PARAMS, CONFIG, DIGESTS = "params", "config.json", "SHA256SUMS.json"
+log = logging.getLogger(__name__)
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -122,6 +124,9 @@ def _latest_train_step(root: pathlib.Path) -> pathlib.Path | None:
     steps = sorted((p for p in root.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir()),
                    key=lambda p: int(p.name), reverse=True)
     sealed = [p for p in steps if (p / DIGESTS).is_file()]
+    if sealed and sealed[0] != steps[0]:
+        log.warning("%s: steps %s have no %s yet (being written or sealed); loading step %s",
+                    root, [p.name for p in steps[:steps.index(sealed[0])]], DIGESTS, sealed[0].name)
     return (sealed or steps)[0] / PARAMS if steps else None
 
 
