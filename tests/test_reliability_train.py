@@ -138,7 +138,7 @@ def _run_child(out: pathlib.Path) -> None:
     # with results is kept unless --overwrite.
     ev = out / "eval_a"
     args = ["--checkpoint", str(a), "--dataset", "Synthetic=", "--out", str(ev),
-            "--config.eval.max_clicks=1", "--data-dir", str(out / "tfds")]
+            "--config.eval.max_clicks=1", "--no-flip", "--data-dir", str(out / "tfds")]
     summary = eval_cli.main(args)
     rep["eval_instances"] = summary["Synthetic"]["instances"]
     rep["eval_hw"] = sorted({(r["height"], r["width"]) for r in json.loads((ev / "Synthetic" / "clicks.json").read_text())})
