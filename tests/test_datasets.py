@@ -158,9 +158,10 @@ def test_cache_is_keyed_by_root(roots, data_dir, tmp_path):
         next((other / folder).glob("sheep.*")).unlink()
     assert [s["id"] for s in load_eval_dataset("GrabCut", other, data_dir)] == ["flower#0"]
     assert len(load_eval_dataset("GrabCut", roots["GrabCut"], data_dir)) == 2
-    moved = other.rename(tmp_path / "moved")  # a built root is not read again
-    assert len(load_eval_dataset("GrabCut", other, data_dir)) == 1
-    assert moved.is_dir()
+    moved = other.rename(tmp_path / "moved")  # the cache is never served for a folder that is gone
+    with pytest.raises(LayoutError, match="grabcut_copy does not exist"):
+        load_eval_dataset("GrabCut", other, data_dir)
+    assert len(load_eval_dataset("GrabCut", moved, data_dir)) == 1
 
 
 def test_coco_lvis_train(roots, data_dir):
