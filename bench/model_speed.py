@@ -89,9 +89,9 @@ def torch_parts(ref, images, prev, points):
 
     from convert_weights.torch_reference import disk_maps
 
-    image = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
-    prev_t = torch.from_numpy(np.asarray(prev))[:, None]
-    points_t = torch.from_numpy(np.asarray(points))
+    image = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+    prev_t = torch.from_numpy(np.array(prev))[:, None]
+    points_t = torch.from_numpy(np.array(points))
     b, _, h, w = image.shape
     gh, gw = h // ref.patch, w // ref.patch
 
@@ -148,7 +148,7 @@ def matmul_peak(torch_too: bool) -> dict[str, callable]:
     if torch_too:
         import torch
 
-        t = torch.from_numpy(np.asarray(a))
+        t = torch.from_numpy(np.array(a))
         fns["matmul peak (torch)"] = lambda: t @ t
     return fns
 
@@ -161,7 +161,14 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", default="highest", help="jax matmul precision (parity path: highest)")
     parser.add_argument("--torch", action="store_true",
                         help="time the PyTorch reference (same weights) interleaved, for the ratios")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="XLA and torch on one compute thread each: steadier ratios on a loaded machine")
     args = parser.parse_args(argv)
+    if args.single_thread:
+        if jax._src.xla_bridge.backends_are_initialized():
+            raise RuntimeError("--single-thread must be set before JAX initialises its backend")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
     cfg = config_lib.load_config_file(args.config).model
     s = args.size
@@ -179,6 +186,8 @@ def main(argv=None) -> None:
         from convert_weights import verify
         from convert_weights.torch_reference import build_reference
 
+        if args.single_thread:
+            torch.set_num_threads(1)
         ref = build_reference(cfg, seed=0)
         model = verify.model_from_reference(ref, cfg)
     else:
@@ -196,7 +205,8 @@ def main(argv=None) -> None:
     load = os.getloadavg()
     print(f"config {pathlib.Path(args.config).name} at {s}x{s}, batch 1, jax {jax.__version__}, "
           f"backend {jax.default_backend()} ({jax.device_count()} device(s), {os.cpu_count()} CPUs), "
-          f"precision {args.precision}, median of {args.repeats}"
+          f"precision {args.precision}, XLA on {'1 thread' if args.single_thread else 'all cores'}, "
+          f"median of {args.repeats}"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if args.torch else "")
           + f"; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     header = "| part | GFLOP | JAX ms | GFLOP/s | share of peak |"
