@@ -14,6 +14,7 @@ and fed back, and the output probability is resized back to H×W (align_corners=
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,19 +47,28 @@ class Predictor:
         encode, decode = encode_fn(graphdef), decode_fn(graphdef)
         s = self.size
 
-        @jax.jit
+        # Resizes to and from the image's own size are jitted apart from the model, so a new
+        # image size compiles only them; the encode and the decode at S×S compile once.
+        resize_image = jax.jit(lambda image: resize.bilinear_ac(image[None], (s, s)))
+        encode_jit = jax.jit(encode)
+
         def _encode(state, image):
-            return encode(state, resize.bilinear_ac(image[None], (s, s)))
+            return encode_jit(state, resize_image(image))
 
         @jax.jit
-        def _click(state, encoding, prev_prob, points, denom):
-            h, w = prev_prob.shape
-            prev = resize.bilinear_ac(prev_prob[None], (s, s), channels_last=False)
-            logits = decode(state, encoding, prev, points[None], denom[None])
-            prob = jax.nn.sigmoid(logits)
-            return resize.bilinear_ac(prob, (h, w), channels_last=False)[0]
+        def _prev(prev_prob):
+            return resize.bilinear_ac(prev_prob[None], (s, s), channels_last=False)
 
-        self._encode_jit, self._click_jit = _encode, _click
+        @jax.jit
+        def _decode(state, encoding, prev, points, denom):
+            return jax.nn.sigmoid(decode(state, encoding, prev, points[None], denom[None]))
+
+        @functools.partial(jax.jit, static_argnums=1)
+        def _prob(prob, size):
+            return resize.bilinear_ac(prob, size, channels_last=False)[0]
+
+        self._encode_jit = _encode
+        self._prev_jit, self._decode_jit, self._prob_jit = _prev, _decode, _prob
         self._encoding = None
         self._history: list[_Step] = []
 
@@ -82,6 +92,13 @@ class Predictor:
         self.height, self.width = image.shape[:2]
         self._encoding = jax.block_until_ready(self._encode_jit(self._state, jnp.asarray(img)))
         self._history = [_Step([], np.zeros((self.height, self.width), np.float32))]
+        # Warm up the click path so the first click is as fast as the others: the resizes for
+        # this size run once on zeros, the decode (the same for every image) on the first image.
+        prev = self._prev_jit(jnp.asarray(self._history[0].prob))
+        if not getattr(self, "_decode_warm", False):
+            prev = self._decode_jit(self._state, self._encoding, prev, *self._points([]))
+            self._decode_warm = True
+        jax.block_until_ready(self._prob_jit(prev, (self.height, self.width)))
 
     def add_click(self, row: int, col: int, positive: bool = True) -> np.ndarray:
         """Adds a click at pixel (row, col) of the original image; returns the new probability."""
@@ -90,8 +107,9 @@ class Predictor:
             raise ValueError(f"click ({row}, {col}) lies outside the {self.height}x{self.width} image")
         clicks = self._history[-1].clicks + [(int(row), int(col), bool(positive))]
         points, denom = self._points(clicks)
-        prob = self._click_jit(self._state, self._encoding, jnp.asarray(self._history[-1].prob),
-                               points, denom)
+        prev = self._prev_jit(jnp.asarray(self._history[-1].prob))
+        prob = self._decode_jit(self._state, self._encoding, prev, points, denom)
+        prob = self._prob_jit(prob, (self.height, self.width))
         self._history.append(_Step(clicks, np.asarray(prob)))
         return self._history[-1].prob
 

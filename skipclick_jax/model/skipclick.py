@@ -114,12 +114,37 @@ class EncoderStack(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- neck
+def _subpixel_conv_t(layer: ConvTranspose, x: jax.Array, channels: slice = slice(None),
+                     bias: bool = True) -> jax.Array:
+    """`layer` (k = s = 2) on a sub-pixel map [B, h, w·S, C] -> [B, h, w·S·4, O].
+
+    Each input pixel's 2x2 outputs stay beside it (sub-pixel index s·4 + 2a + b), so the
+    matmul's output is used as it comes, without the interleaving transpose.
+    """
+    kernel = layer.kernel[...][:, :, channels]
+    b, h, ws, _ = x.shape
+    y = jnp.einsum("bijc,klco->bijklo", x, kernel).reshape(b, h, 4 * ws, -1)
+    return y + layer.bias[...] if bias else y
+
+
+def _from_subpixel(y: jax.Array, w: int, levels: int) -> jax.Array:
+    """[B, h, w·4^L, C] sub-pixel map after L transposed convs -> image layout [B, h·2^L, w·2^L, C]."""
+    if levels == 0:
+        return y
+    b, h, _, c = y.shape
+    y = y.reshape(b, h, w, *([2, 2] * levels), c)
+    rows, cols = [3 + 2 * i for i in range(levels)], [4 + 2 * i for i in range(levels)]
+    return y.transpose(0, 1, *rows, 2, *cols, y.ndim - 1).reshape(b, h << levels, w << levels, c)
+
+
 class SimpleFPN(nnx.Module):
     """SimpleFPN with optional skip connections (spec §1.6), strides 3.5/7/14/28 for patch 14.
 
     Branch i sees concat([X, S_i]) with S_i the i-th DINOv2 tap. Each branch's first layer is
     linear, so it is applied as first(X, channels=:D) + [first(S_i, channels=D:) + bias], the
-    bracket being image-only (`skip_halves`, computed at encode time).
+    bracket being image-only (`skip_halves`, computed at encode time). Up-sampling branches run
+    in a sub-pixel layout (`_subpixel_conv_t`); GroupNorm, 1x1 convs and GELU do not care about
+    pixel order, so the image layout is restored once, at the branch's end.
     """
 
     def __init__(self, *, in_dim: int, skip_dim: int, out_dims, skip_connections: bool,
@@ -147,27 +172,50 @@ class SimpleFPN(nnx.Module):
     def branches(self) -> tuple[nnx.Sequential, ...]:
         return (self.down_4, self.down_8, self.down_16, self.down_32)
 
+    @staticmethod
+    def _first(branch: nnx.Sequential, x: jax.Array, channels: slice = slice(None),
+               bias: bool = True) -> jax.Array:
+        """The branch's first layer on input channels `channels` (sub-pixel layout if ConvT)."""
+        first = branch.layers[0]
+        if isinstance(first, ConvTranspose):
+            return _subpixel_conv_t(first, x, channels, bias)
+        return first(x, channels=channels, bias=bias)
+
+    @staticmethod
+    def _rest(branch: nnx.Sequential, y: jax.Array, w: int) -> jax.Array:
+        """The branch's remaining layers on its first layer's output; -> image layout."""
+        levels = int(isinstance(branch.layers[0], ConvTranspose))
+        for layer in branch.layers[1:]:
+            if isinstance(layer, ConvTranspose):
+                y, levels = _subpixel_conv_t(layer, y), levels + 1
+            else:
+                y = layer(y)
+        return _from_subpixel(y, w, levels)
+
     def skip_halves(self, taps: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        """Image-only part of each first layer: first(S_i, channels=D:) + bias."""
+        """Image-only part of each first layer: first(S_i, channels=D:) + bias (sub-pixel layout)."""
         if not self.skip_connections:
             return ()
-        return tuple(
-            branch.layers[0](tap, channels=slice(self.in_dim, None))
-            for branch, tap in zip(self.branches(), taps)
-        )
+        return tuple(self._first(branch, tap, slice(self.in_dim, None))
+                     for branch, tap in zip(self.branches(), taps))
 
     def __call__(self, x: jax.Array, skip_halves: tuple[jax.Array, ...]) -> list[jax.Array]:
         """x [B, h, w, D] -> 4 maps at 4x, 2x, 1x, 1/2x the grid."""
         outs = []
         for i, branch in enumerate(self.branches()):
-            first, rest = branch.layers[0], branch.layers[1:]
             if skip_halves:
-                y = first(x, channels=slice(0, self.in_dim), bias=False) + skip_halves[i]
+                y = self._first(branch, x, slice(0, self.in_dim), bias=False) + skip_halves[i]
             else:
-                y = first(x)
-            for layer in rest:
-                y = layer(y)
-            outs.append(y)
+                y = self._first(branch, x)
+            outs.append(self._rest(branch, y, x.shape[2]))
+        return outs
+
+    def unsplit(self, x: jax.Array, taps: tuple[jax.Array, ...]) -> list[jax.Array]:
+        """The unsplit neck: branch i on concat([x, taps[i]]) (or on x without skips)."""
+        outs = []
+        for i, branch in enumerate(self.branches()):
+            y = jnp.concatenate([x, taps[i]], axis=-1) if self.skip_connections else x
+            outs.append(self._rest(branch, self._first(branch, y), x.shape[2]))
         return outs
 
 
@@ -207,9 +255,17 @@ class SegFormerHead(nnx.Module):
         self.conv_seg = Conv(e // UPSAMPLE_FACTOR[upsample], 1, 1, rngs=rngs)
 
     def __call__(self, features: list[jax.Array], dropout_rng: jax.Array | None = None) -> jax.Array:
+        # fusion_conv(concat_i(up(y_i))) = ReLU(Σ_i up(y_i @ W_i) + b): the linear resize commutes
+        # with each branch's slice W_i of the fusion weights, so W_i runs at the branch's own
+        # resolution and the 4·e-channel concat at P4's size is never built.
         size = features[0].shape[1:3]
-        ys = [resize.bilinear(conv(f), size) for conv, f in zip(self.convs, features)]
-        x = self.fusion_conv(jnp.concatenate(ys, axis=-1))
+        e = self.fusion_conv.conv.kernel.shape[-1]
+        fused = None
+        for i, (conv, f) in enumerate(zip(self.convs, features)):
+            y = self.fusion_conv.conv(conv(f), channels=slice(i * e, (i + 1) * e), bias=False)
+            y = resize.bilinear(y, size)
+            fused = y if fused is None else fused + y
+        x = jax.nn.relu(fused + self.fusion_conv.conv.bias[...])
         if self.upsample in ("x2", "x4"):
             x = self.up_conv1(x)
         if self.upsample == "x4":
@@ -313,10 +369,7 @@ class SkipClick(nnx.Module):
         click_embed = self.click_embedding(prev_mask, points, point_denom)
         x = self.backbone_mix(fused, click_embed)
         grid = x.reshape(b, h, w, d)
-        pyramid = []
-        for i, branch in enumerate(self.neck.branches()):
-            y = jnp.concatenate([grid, taps[i]], axis=-1) if self.neck.skip_connections else grid
-            pyramid.append(branch(y))
+        pyramid = self.neck.unsplit(grid, taps)
         head_logits = self.head(pyramid, dropout_rng)
         logits = resize.bilinear_ac(head_logits, prev_mask.shape[1:3])[..., 0]
         tokens = lambda t: t.reshape(b, h * w, -1)  # noqa: E731
