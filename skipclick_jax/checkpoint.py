@@ -2,7 +2,8 @@
 
 A project checkpoint is a directory:
   <dir>/config.json   the config given to `save` (`config_lib.config_to_json`)
-  <dir>/params/       orbax StandardCheckpointer of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+  <dir>/params/       orbax StandardCheckpointer of `nnx.to_pure_dict(nnx.state(model))` (the
+                      parameters and stored buffers such as DINOv3's RoPE periods)
 `load` also reads a train.py run (`<workdir>` or `<workdir>/checkpoints`: the latest step's
 'params' item and the root config.json) and released SkipClick
 `.pth` files, `.safetensors`/`.pth` state dicts and DINOv2 hub/timm backbones
@@ -43,7 +44,7 @@ def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.Confi
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        checkpointer.save(tmp / PARAMS, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
         (tmp / CONFIG).write_text(config_lib.config_to_json(config))
         if path.exists():
