@@ -124,7 +124,7 @@ def test_parity_detects_the_known_traps(vitb):
     unmasked k bias (> 1e-2), fp32 (unrounded) periods (> 1e-4), DINOv2's LN eps 1e-6 (> 1e-5)."""
     from flax import nnx
 
-    vit, hub, _, model = vitb
+    vit, _, _, model = vitb
     x = np.random.default_rng(1).standard_normal((1, 160, 224, 3)).astype(np.float32)
     ref = timm_stages(vit, x)["taps_3"]
 
