@@ -82,9 +82,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(
         prog="python -m convert_weights",
-        description="Convert SkipClick / DINOv2 weights to a project checkpoint, or export a "
+        description="Convert SkipClick / DINOv2 / DINOv3 weights to a project checkpoint, or export a "
                     "checkpoint back to the original PyTorch state dict.")
-    ap.add_argument("src", help="released .pth, state dict (.pth/.safetensors), DINOv2 hub/timm "
+    ap.add_argument("src", help="released .pth, state dict (.pth/.safetensors), DINOv2/DINOv3 hub/timm "
                                 "file, project checkpoint dir or train.py checkpoint dir")
     ap.add_argument("--out", required=True,
                     help="DIR: project checkpoint (orbax params + config.json); FILE.pth or "

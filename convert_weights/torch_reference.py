@@ -1,11 +1,16 @@
 """PyTorch SkipClick (`FeatureVitModel`) written from the spec, with the original key structure.
 
-`state_dict()` keys, order and shapes equal those of a released checkpoint (spec §2.2). The DINOv2
+`state_dict()` keys, order and shapes equal those of a released checkpoint (spec §2.2). The DINOv3
+backbone (`model.backbone.kind == 'dinov3'`, dinov3.md) holds the torch.hub parameters and buffers
+under `feature_extractor.dinov3.*` and runs timm's `Eva` in its `vit_*_patch16_dinov3_qkvb` layout
+(dinov3.md §3: the masked qkv bias as q/k/v biases, LayerScale as gamma_1/2, the stored RoPE periods
+copied in, `forward_intermediates(norm=True)`). The DINOv2
 backbone runs timm's own `VisionTransformer` (`vit_base_patch14_reg4_dinov2` layout, dynamic image
 size, antialiased bicubic position-embedding resampling) while its parameters are held in the
 torch.hub format under `feature_extractor.dinov2.*` (`cls_token` without its position, `pos_embed`
 [1, 1 + G², C], `register_tokens`, `mask_token`). Numerics follow the spec: ImageNet normalisation,
-disk click maps, raw block-output taps without the final norm, non-antialiased bicubic EncoderStack
+disk click maps, raw block-output taps without the final norm for DINOv2 (with it for DINOv3;
+`normalized_taps` of the JAX backbone class says which), non-antialiased bicubic EncoderStack
 position embedding, GroupNorm(1) eps 1e-5, exact GELU, ReLU ConvModules, Dropout2d, and an
 align_corners=True final resize.
 
@@ -17,10 +22,14 @@ from __future__ import annotations
 
 import math
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from skipclick_jax.model.dinov2 import DinoV2
+from skipclick_jax.model.dinov3 import DinoV3, default_periods
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,15 +74,145 @@ class Dinov2Reg(nn.Module):
         vit.reg_token = self.register_tokens
         vit.pos_embed = self.pos_embed[:, 1:]
         return vit.forward_intermediates(
-            x, indices=list(taps), norm=False, stop_early=True, output_fmt="NLC",
+            x, indices=list(taps), norm=DinoV2.normalized_taps, stop_early=True, output_fmt="NLC",
             intermediates_only=True,
         )
 
 
+def timm_dinov3(*, dim, depth, heads, patch, num_registers, mlp_ratio, rope_base=100.0, **_):
+    """timm `Eva` in the `vit_base_patch16_dinov3_qkvb` layout for these dims (eval RoPE only)."""
+    return timm.create_model(
+        "vit_base_patch16_dinov3_qkvb", pretrained=False, num_classes=0, patch_size=patch,
+        embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, num_reg_tokens=num_registers,
+        rope_temperature=rope_base,
+    )
+
+
+class KMaskedLinear(nn.Linear):
+    """DINOv3's `LinearKMaskedBias`: bias * bias_mask (a persistent buffer, 1 for q/v, 0 for k)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__(dim_in, dim_out)
+        mask = torch.ones(dim_out)
+        mask[dim_out // 3: 2 * dim_out // 3] = 0.0
+        self.register_buffer("bias_mask", mask)
+
+
+class _Dinov3Attention(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv = KMaskedLinear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+
+class _Dinov3Block(nn.Module):
+    """Parameter holder with the hub block keys (norm1, attn.qkv(+bias_mask), attn.proj, ls1, ...)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, layerscale: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = _Dinov3Attention(dim)
+        self.ls1 = _LayerScale(dim, layerscale)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = _LayerScale(dim, layerscale)
+
+
+class _Rope(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("periods", torch.from_numpy(default_periods(head_dim, base)))
+
+
+class Dinov3(nn.Module):
+    """DINOv3 ViT: torch.hub parameters and buffers (state_dict as `dinov3_vit*16`), timm `Eva`
+    compute. Before each forward the hub values are handed to timm: cls_token + 0·mask_token,
+    storage_tokens -> reg_token, qkv.bias * bias_mask split into q/k/v biases, ls gammas ->
+    gamma_1/2, `rope_embed.periods` -> rope.periods."""
+
+    def __init__(self, *, dim, depth, heads, patch, num_registers, mlp_ratio, rope_base=100.0,
+                 layerscale_init=1e-5, **_):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.storage_tokens = nn.Parameter(torch.zeros(1, num_registers, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.patch_embed = PatchEmbed(3, dim, patch)
+        self.rope_embed = _Rope(dim // heads, rope_base)
+        self.blocks = nn.ModuleList(
+            _Dinov3Block(dim, mlp_ratio, layerscale_init) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        eva = timm_dinov3(dim=dim, depth=depth, heads=heads, patch=patch,
+                          num_registers=num_registers, mlp_ratio=mlp_ratio, rope_base=rope_base)
+        object.__setattr__(self, "_eva", eva.eval())  # compute engine only; not a registered child
+
+    @torch.no_grad()
+    def engine(self):
+        """The timm `Eva` holding this module's current values."""
+        e = self._eva
+        e.train(self.training)
+        e.cls_token.copy_(self.cls_token + 0 * self.mask_token)
+        e.reg_token.copy_(self.storage_tokens)
+        e.patch_embed.proj.load_state_dict(self.patch_embed.proj.state_dict())
+        e.rope.periods.copy_(self.rope_embed.periods)
+        for s, t in zip(self.blocks, e.blocks):
+            t.norm1.load_state_dict(s.norm1.state_dict())
+            t.norm2.load_state_dict(s.norm2.state_dict())
+            t.attn.qkv.weight.copy_(s.attn.qkv.weight)
+            q, k, v = (s.attn.qkv.bias * s.attn.qkv.bias_mask).chunk(3)
+            t.attn.q_bias.copy_(q)
+            t.attn.k_bias.copy_(k)
+            t.attn.v_bias.copy_(v)
+            t.attn.proj.load_state_dict(s.attn.proj.state_dict())
+            t.gamma_1.copy_(s.ls1.gamma)
+            t.gamma_2.copy_(s.ls2.gamma)
+            t.mlp.fc1.load_state_dict(s.mlp.fc1.state_dict())
+            t.mlp.fc2.load_state_dict(s.mlp.fc2.state_dict())
+        e.norm.load_state_dict(self.norm.state_dict())
+        return e
+
+    def forward(self, x: torch.Tensor, taps) -> list[torch.Tensor]:
+        """x [B,3,H,W] normalised -> outputs of blocks `taps` through the final norm, patch tokens
+        only, [B,N,C] (the original's `get_intermediate_layers(x, n=taps)`)."""
+        return self.engine().forward_intermediates(
+            x, indices=list(taps), norm=DinoV3.normalized_taps, stop_early=True, output_fmt="NLC",
+            intermediates_only=True,
+        )
+
+    @torch.no_grad()
+    def stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every stage in the JAX `DinoV3.stages` layout: rope_sin/rope_cos [h·w, head_dim],
+        tokens and block_i [B, N, C] (all tokens) for every block."""
+        e = self.engine()
+        h, w = x.shape[2] // e.patch_embed.patch_size[0], x.shape[3] // e.patch_embed.patch_size[1]
+        t, rope = e._pos_embed(e.patch_embed(x))
+        sin, cos = rope.chunk(2, dim=-1)
+        out = {"rope_sin": sin, "rope_cos": cos, "tokens": t}
+        assert sin.shape[0] == h * w
+        for i, blk in enumerate(e.blocks):
+            t = blk(t, rope=rope)
+            out[f"block_{i}"] = t
+        return out
+
+
 class FeatureExtractor(nn.Module):
+    """`feature_extractor.dinov2` or `.dinov3` by `backbone.kind`."""
+
     def __init__(self, backbone_cfg):
         super().__init__()
-        self.dinov2 = Dinov2Reg(**backbone_cfg)
+        self.kind = backbone_cfg.get("kind", "dinov2")
+        if self.kind == "dinov3":
+            self.dinov3 = Dinov3(**backbone_cfg)
+        else:
+            self.dinov2 = Dinov2Reg(**backbone_cfg)
+
+    def forward(self, x, taps):
+        return getattr(self, self.kind)(x, taps)
 
 
 class PatchEmbed(nn.Module):
@@ -278,7 +417,7 @@ class SkipClickTorch(nn.Module):
         rgb = (image - self.mean) / self.std
         coord = torch.cat([prev_mask, disk_maps(points, h, w, self.radius)], dim=1)
         click = self.patch_embed_coords(coord)
-        taps = self.feature_extractor.dinov2(rgb, self.taps)
+        taps = self.feature_extractor(rgb, self.taps)
         fused = self.fuse(torch.cat(taps, dim=-1)) if self.fuse is not None else taps[0]
         x = self.backbone_mix(fused, gh, gw, click)
         grid = lambda t: t.transpose(-1, -2).reshape(b, t.shape[-1], gh, gw)

@@ -7,6 +7,8 @@ For each stage it prints max abs error, max rel error (max abs error / max |refe
 tolerance and pass/fail, then how many pixels of the 0.49-thresholded mask disagree. Exit code 1
 on any failure. Tolerances are absolute, per stage, for float32 at matmul precision 'highest';
 'default' precision uses 10x (CPU default is float32 too; accelerators may use bf16 passes).
+DINOv2 and DINOv3 (SkipClick-DINOv3) checkpoints have the same stages and tolerances; the
+reference backbone is timm's DINOv2 `VisionTransformer` or DINOv3 `Eva` (torch_reference.py).
 """
 
 from __future__ import annotations

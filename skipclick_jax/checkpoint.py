@@ -2,7 +2,8 @@
 
 A project checkpoint is a directory:
   <dir>/config.json        the config given to `save` (`config_lib.config_to_json`)
-  <dir>/params/            orbax StandardCheckpointer of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+  <dir>/params/            orbax StandardCheckpointer of `nnx.to_pure_dict(nnx.state(model))` (the
+                           parameters and stored buffers such as DINOv3's RoPE periods)
   <dir>/SHA256SUMS.json    size and SHA-256 of every other file (`write_digests`)
 Every restore first checks the digests (`verify_digests`): a changed, truncated or missing file is
 a `CorruptCheckpointError` naming it, never loaded. train.py steps carry the same digest file.
@@ -106,7 +107,7 @@ def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.Confi
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        checkpointer.save(tmp / PARAMS, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
         (tmp / CONFIG).write_text(config_lib.config_to_json(config))
         write_digests(tmp)

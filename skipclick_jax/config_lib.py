@@ -16,12 +16,20 @@ import pathlib
 import ml_collections
 
 DINOV2_VITB14_REG4 = dict(
-    dim=768, depth=12, heads=12, patch=14, num_registers=4, pos_grid=37, mlp_ratio=4
+    kind="dinov2", dim=768, depth=12, heads=12, patch=14, num_registers=4, pos_grid=37, mlp_ratio=4
 )
+# torch.hub `dinov3_vitb16` (spec dinov3.md §2): 4 storage tokens (`num_registers`), RoPE base 100
+# whose coordinate rescale factor 2 is active in training mode, LayerScale init 1e-5.
+DINOV3_VITB16 = dict(
+    kind="dinov3", dim=768, depth=12, heads=12, patch=16, num_registers=4, mlp_ratio=4,
+    rope_base=100.0, rope_rescale=2.0, layerscale_init=1e-5,
+)
+BACKBONES = {"dinov2": DINOV2_VITB14_REG4, "dinov3": DINOV3_VITB16}
 
 
 def model_config(
     *,
+    backbone="dinov2",
     taps=(2, 5, 8, 11),
     skip_connections=True,
     stack_depth=4,
@@ -31,17 +39,22 @@ def model_config(
 ) -> ml_collections.ConfigDict:
     """The SkipClick architecture (spec §1.1); defaults are the full SkipClick model.
 
-    `backbone.taps` are the DINOv2 blocks whose outputs are used. Several taps are fused by a
-    Linear layer; a single tap feeds the EncoderStack directly. The released code always feeds
-    block 2 for its single-tap configs (spec §8.1), the paper describes block 11.
+    `backbone` is 'dinov2' (ViT-B/14 with registers) or 'dinov3' (ViT-B/16, SkipClick-DINOv3);
+    the EncoderStack and click embedding take its patch size. `backbone.taps` are the blocks whose
+    outputs are used. Several taps are fused by a Linear layer; a single tap feeds the EncoderStack
+    directly. The released code always feeds block 2 for its single-tap configs (spec §8.1), the
+    paper describes block 11.
     """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
+    bb = BACKBONES[backbone]
     return ml_collections.ConfigDict(
         dict(
             crop_size=crop_size,
             disk_radius=5,
             num_max_points=24,
-            backbone=dict(**DINOV2_VITB14_REG4, taps=tuple(taps), frozen=frozen),
-            stack=dict(dim=768, depth=stack_depth, heads=12, patch=14, mlp_ratio=4),
+            backbone=dict(**bb, taps=tuple(taps), frozen=frozen),
+            stack=dict(dim=768, depth=stack_depth, heads=12, patch=bb["patch"], mlp_ratio=4),
             neck=dict(out_dims=(128, 256, 512, 1024), skip_connections=skip_connections),
             # embed_dim = width of the fused head feature (SegFormer `out_channels`); the
             # classifier input is embed_dim / {x1: 1, x2: 2, x4: 4}.
@@ -50,9 +63,10 @@ def model_config(
     )
 
 
-def tiny_model_config() -> ml_collections.ConfigDict:
-    """`test_tiny`: a SkipClick with every structural feature at toy widths (used by tests)."""
-    cfg = model_config(crop_size=224, stack_depth=2)
+def tiny_model_config(backbone: str = "dinov2") -> ml_collections.ConfigDict:
+    """`test_tiny` (`test_tiny_dinov3`): a SkipClick with every structural feature at toy widths
+    (backbone dim 96, 12 blocks, 3 heads; stack 96 wide, 2 blocks; crop 224), used by tests."""
+    cfg = model_config(backbone=backbone, crop_size=224, stack_depth=2)
     cfg.backbone.update(dim=96, heads=3)
     cfg.stack.update(dim=96, heads=3)
     cfg.neck.out_dims = (32, 64, 128, 256)

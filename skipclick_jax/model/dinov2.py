@@ -58,6 +58,9 @@ class DinoV2(nnx.Module):
     (H/p, W/p) with antialiased bicubic (offset 0), unless the input is the native square size.
     """
 
+    normalized_taps = False  # raw block outputs (forward hooks in the original); DINOv3's are normed
+    stochastic_in_training = False  # no train/eval difference (drop_path 0)
+
     def __init__(self, *, dim: int, depth: int, heads: int, patch: int, num_registers: int,
                  pos_grid: int, mlp_ratio: float, taps, layerscale_init: float = 1.0,
                  rngs: nnx.Rngs, **_):
@@ -96,5 +99,6 @@ class DinoV2(nnx.Module):
         outputs = {}
         for i in range(max(self.taps) + 1):  # later blocks cannot change a tap
             x = self.blocks[i](x)
-            outputs[i] = x[:, prefix:].reshape(b, h, w, d)
+            tap = self.norm(x) if self.normalized_taps else x
+            outputs[i] = tap[:, prefix:].reshape(b, h, w, d)
         return tuple(outputs[t] for t in self.taps)

@@ -92,9 +92,10 @@ class ConvTranspose(nnx.Module):
         return y + self.bias[...] if bias else y
 
 
-def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm(eps=1e-6) over channels, two-pass variance like torch."""
-    return nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, rngs=rngs)
+def layer_norm(dim: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
+    """LayerNorm over channels (eps 1e-6: DINOv2 and the stack; DINOv3 uses 1e-5), two-pass
+    variance like torch."""
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
 def group_norm(dim: int, rngs: nnx.Rngs) -> nnx.GroupNorm:

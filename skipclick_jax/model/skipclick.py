@@ -18,6 +18,7 @@ from flax import nnx
 
 from skipclick_jax import config_lib, resize
 from skipclick_jax.model.dinov2 import DinoV2, PatchEmbed
+from skipclick_jax.model.dinov3 import DinoV3
 from skipclick_jax.model.layers import (
     Attention, Conv, ConvTranspose, Linear, Mlp, gelu, group_norm, layer_norm,
 )
@@ -27,6 +28,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
 
 Encoding = dict  # {'fused': [B,h,w,D], 'skips': tuple of 4 first-layer skip halves, or ()}
+BACKBONES = {"dinov2": DinoV2, "dinov3": DinoV3}  # model.backbone.kind -> module
 
 
 def _true_divide(x: jax.Array, divisor) -> jax.Array:
@@ -292,7 +294,10 @@ class SkipClick(nnx.Module):
         self.patch = st.patch
         self.disk_radius = float(cfg.disk_radius)
         self.patch_embed_coords = PatchEmbed(3, st.dim, st.patch, rngs=rngs)
-        self.feature_extractor = DinoV2(**bb, rngs=rngs)
+        kind = bb.get("kind", "dinov2")
+        if kind not in BACKBONES:
+            raise ValueError(f"backbone.kind must be one of {sorted(BACKBONES)}, got {kind!r}")
+        self.feature_extractor = BACKBONES[kind](**bb, rngs=rngs)
         self.backbone_mix = EncoderStack(**st, pos_grid=cfg.crop_size // st.patch, rngs=rngs)
         self.neck = SimpleFPN(in_dim=st.dim, skip_dim=bb.dim, out_dims=tuple(cfg.neck.out_dims),
                               skip_connections=cfg.neck.skip_connections, rngs=rngs)
@@ -310,20 +315,26 @@ class SkipClick(nnx.Module):
                 f"{round(width / self.patch) * self.patch} (skipclick_jax.resize.bilinear_ac)"
             )
 
-    def backbone_taps(self, images: jax.Array) -> tuple[jax.Array, ...]:
-        """images [B,H,W,3] uint8 or float in [0,1] -> DINOv2 taps, each [B, H/p, W/p, D]."""
+    def backbone_taps(self, images: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, ...]:
+        """images [B,H,W,3] uint8 or float in [0,1] -> backbone taps, each [B, H/p, W/p, D].
+
+        `rng` runs the backbone in training mode (DINOv3's RoPE rescale; DINOv2 is unaffected)."""
         self.check_image_size(*images.shape[1:3])
         if images.dtype == jnp.uint8:
             images = _true_divide(images.astype(jnp.float32), 255.0)
         x = _true_divide(images.astype(jnp.float32) - IMAGENET_MEAN, IMAGENET_STD)
+        if rng is not None and self.feature_extractor.stochastic_in_training:
+            return self.feature_extractor(x, rng)
         return self.feature_extractor(x)
 
     def fuse_taps(self, taps: tuple[jax.Array, ...]) -> jax.Array:
         return self.fuse(jnp.concatenate(taps, axis=-1)) if self.fuse is not None else taps[0]
 
-    def encode_image(self, images: jax.Array) -> Encoding:
-        """images [B,H,W,3] -> {'fused': [B,h,w,D], 'skips': tuple of 4 [B,·,·,C_i] or ()}."""
-        taps = self.backbone_taps(images)
+    def encode_image(self, images: jax.Array, rng: jax.Array | None = None) -> Encoding:
+        """images [B,H,W,3] -> {'fused': [B,h,w,D], 'skips': tuple of 4 [B,·,·,C_i] or ()}.
+
+        `rng`: training-mode backbone (see `backbone_taps`); None (eval) is deterministic."""
+        taps = self.backbone_taps(images, rng)
         return {"fused": self.fuse_taps(taps), "skips": self.neck.skip_halves(taps)}
 
     # -- per-click half ------------------------------------------------------------

@@ -33,6 +33,9 @@ def train_defaults() -> ml_collections.ConfigDict:
             image_summary_every_steps=1000,
             num_image_summaries=4,
             eval_untrained=False,  # also evaluate the initial model before training
+            # Run the frozen backbone in training mode for the loss forward, as the original trainer
+            # does (DINOv3: RoPE coordinate rescale per block; DINOv2 has no train/eval difference).
+            backbone_train_mode=True,
         )
     )
 

@@ -16,10 +16,10 @@ from skipclick_jax.train.state import TrainState
 Batch = dict[str, jax.Array]  # image uint8 [B,S,S,3], points float32 [B,2P,3], gt float32 [B,S,S]
 
 
-def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(num_clicks key, click-sampling key, dropout key) of the current step."""
+def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(num_clicks key, click-sampling key, dropout key, training-mode backbone key) of the step."""
     key = jax.random.fold_in(state.rng, state.step)
-    return tuple(jax.random.split(key, 3))
+    return tuple(jax.random.split(key, 4))
 
 
 def simulate_clicks(
@@ -59,16 +59,20 @@ def make_train_step(
     alpha: float = 0.5,
     gamma: float = 2.0,
     eps: float = 1e-12,
+    backbone_train_mode: bool = True,
 ) -> Callable[[TrainState, dict[str, Any], Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure step (state, frozen, batch) -> (state, metrics) to be wrapped in jax.jit.
 
     The image is encoded once per step (with gradients, so an unfrozen backbone trains); the
     simulation reuses it under stop_gradient, then a train-mode forward (Dropout2d) gives the loss.
+    With `backbone_train_mode`, a backbone whose training mode differs (DINOv3: RoPE coordinate
+    rescale) is run again in training mode for the loss forward, as the original trainer does;
+    the click simulation stays eval-mode.
     metrics: float32 scalars loss, iou (prediction at `pred_thresh`), grad_norm, lr, num_clicks.
     """
 
     def train_step(state: TrainState, frozen: dict[str, Any], batch: Batch):
-        k_num, k_click, k_drop = step_keys(state)
+        k_num, k_click, k_drop, k_backbone = step_keys(state)
         num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
 
         def loss_fn(params):
@@ -77,6 +81,8 @@ def make_train_step(
             prev, points = simulate_clicks(
                 graphdef, params, frozen, enc, batch, num_clicks, k_click, pred_thresh
             )
+            if backbone_train_mode and model.feature_extractor.stochastic_in_training:
+                enc = model.encode_image(batch["image"], rng=k_backbone)
             logits = model.decode_clicks(enc, prev, points, dropout_rng=k_drop)
             loss = normalized_focal_loss(logits, batch["gt"], alpha=alpha, gamma=gamma, eps=eps)
             return loss.mean(), logits
@@ -106,7 +112,7 @@ def make_preview_fn(
 
     def preview(state: TrainState, frozen: dict[str, Any], batch: Batch):
         batch = jax.tree.map(lambda x: x[:num], batch)
-        k_num, k_click, _ = step_keys(state)
+        k_num, k_click, _, _ = step_keys(state)
         num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
         model = nnx.merge(graphdef, state.params, frozen)
         enc = model.encode_image(batch["image"])

@@ -1,9 +1,12 @@
 """Any supported weight file -> a SkipClick model (torch-free).
 
-Sources (`fmt`): 'released' (a SkipClick `.pth` with {'state_dict', 'config'}), 'state_dict' (a
-bare SkipClick state dict, `.pth` or `.safetensors`), 'hub' (DINOv2 `dinov2_vitb14_reg4_pretrain.pth`
-keys) and 'timm' (`vit_base_patch14_reg4_dinov2` keys); backbones go into a freshly initialised
-SkipClick. 'auto' tells them apart by their keys. `export_state_dict` is the inverse mapping.
+Sources (`fmt`): 'released' (a SkipClick `.pth` with {'state_dict', 'config'}; DINOv2 or DINOv3
+backbone), 'state_dict' (a bare SkipClick state dict, `.pth` or `.safetensors`), 'hub' (DINOv2
+`dinov2_vitb14_reg4_pretrain.pth` or DINOv3 `dinov3_vitb16_pretrain_lvd1689m-*.pth` keys) and 'timm'
+(`vit_base_patch14_reg4_dinov2` or `vit_base_patch16_dinov3[_qkvb]` keys); backbones go into a
+freshly initialised SkipClick. 'auto' tells them apart by their keys. `export_state_dict` is the
+inverse mapping. DINOv3 RoPE periods are checked to be bfloat16-representable (a warning if not);
+timm files have none, so the bfloat16-rounded defaults are used (with a warning).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import pathlib
+import warnings
 
 import ml_collections
 import numpy as np
@@ -57,14 +61,32 @@ def read_file(path: str | os.PathLike) -> tuple[dict, dict | None, ml_collection
 
 
 def detect_format(sd: dict, entry: dict | None, source: str) -> str:
-    if any(k.startswith(mapping.HUB_PREFIX) for k in sd):
+    if any(k.startswith(tuple(mapping.BACKBONE_PREFIXES.values())) for k in sd):
         return "released" if entry is not None else "state_dict"
-    if "register_tokens" in sd:
+    if "register_tokens" in sd or "storage_tokens" in sd:
         return "hub"
     if "reg_token" in sd:
         return "timm"
     raise CheckpointError(f"{source}: unrecognised keys (first: {next(iter(sd))!r}); expected a "
-                          "SkipClick state dict or a DINOv2-with-registers backbone (hub or timm)")
+                          "SkipClick state dict or a DINOv2-with-registers / DINOv3 backbone "
+                          "(hub or timm)")
+
+
+def backbone_kind(sd: dict) -> str:
+    """'dinov3' or 'dinov2' for a hub/timm backbone state dict (DINOv3: storage tokens, or timm
+    register tokens without an absolute position embedding)."""
+    if "storage_tokens" in sd or ("reg_token" in sd and "pos_embed" not in sd):
+        return "dinov3"
+    return "dinov2"
+
+
+def warn_periods(sd: dict, prefix: str, source: str) -> None:
+    """Warns if a DINOv3 state dict's RoPE periods are not bfloat16-representable."""
+    key = prefix + "rope_embed.periods"
+    if key in sd:
+        message = mapping.check_periods(sd[key], source)
+        if message:
+            warnings.warn(message, stacklevel=3)
 
 
 def _abstract_params(cfg, seed: int | None):
@@ -92,15 +114,30 @@ def _check_tree(params: dict, reference: dict, source: str) -> None:
 
 
 def backbone_params(sd: dict, kind: str, cfg: ml_collections.ConfigDict, source: str) -> dict:
-    """DINOv2 hub/timm state dict -> the model's `feature_extractor` subtree (JAX layout).
+    """DINOv2/DINOv3 hub/timm state dict -> the model's `feature_extractor` subtree (JAX layout).
 
-    Both are brought to the canonical hub form (cls position folded into cls_token), so the same
-    weights give identical parameters from either file; timm files have no mask_token (zeros).
+    DINOv2: both are brought to the canonical hub form (cls position folded into cls_token), so
+    the same weights give identical parameters from either file; timm files have no mask_token
+    (zeros). DINOv3: timm keys are mapped to the hub's (`mapping.timm_to_hub_dinov3`).
     """
-    hub = mapping.timm_to_hub(sd) if kind == "timm" else mapping.fold_cls_position(sd)
-    prefixed = {mapping.HUB_PREFIX + k: v for k, v in hub.items()}
-    params = mapping.state_dict_to_params(prefixed, cfg, source, prefix=mapping.HUB_PREFIX,
-                                          progress=True)
+    file_kind, model_kind = backbone_kind(sd), cfg.backbone.get("kind", "dinov2")
+    if file_kind != model_kind:
+        raise CheckpointError(f"{source}: a {file_kind} {kind} backbone file, but the model "
+                              f"config's backbone.kind is {model_kind!r}")
+    prefix = mapping.BACKBONE_PREFIXES[model_kind]
+    if model_kind == "dinov3":
+        if kind == "timm":
+            hub = mapping.timm_to_hub_dinov3(sd, cfg.backbone.heads, cfg.backbone.rope_base)
+            warnings.warn(f"{source}: timm DINOv3 weights carry no RoPE periods; using the "
+                          "defaults rounded to bfloat16, as the released DINOv3 weights store them",
+                          stacklevel=3)
+        else:
+            hub = dict(sd)
+            warn_periods(hub, "", source)
+    else:
+        hub = mapping.timm_to_hub(sd) if kind == "timm" else mapping.fold_cls_position(sd)
+    prefixed = {prefix + k: v for k, v in hub.items()}
+    params = mapping.state_dict_to_params(prefixed, cfg, source, prefix=prefix, progress=True)
     return params["feature_extractor"]
 
 
@@ -126,6 +163,7 @@ def import_weights(src, cfg: ml_collections.ConfigDict | None = None, fmt: str =
             raise CheckpointError(f"{source}: a bare state dict needs a model config (--config)")
         if cfg is None:
             cfg = mapping.model_config_from_state_dict(sd, entry, source)
+        warn_periods(sd, mapping.DINOV3_PREFIX, source)
         params = mapping.state_dict_to_params(sd, cfg, source, progress=True)
         graphdef, state, reference = _abstract_params(cfg, seed=None)
     elif kind in ("hub", "timm"):
@@ -142,10 +180,13 @@ def import_weights(src, cfg: ml_collections.ConfigDict | None = None, fmt: str =
 
 
 def export_state_dict(model, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """JAX model -> original state dict (numpy float32, original key order and layouts)."""
+    """JAX model -> original state dict (numpy float32, original key order and layouts), its
+    parameters and stored buffers (DINOv3's RoPE periods and qkv bias masks)."""
     from flax import nnx
 
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    from skipclick_jax.model.dinov3 import Buffer
+
+    pure = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))
     return mapping.params_to_state_dict(_to_numpy(pure), model_section(cfg))
 
 

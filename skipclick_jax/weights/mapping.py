@@ -1,13 +1,14 @@
 """Key and layout rules: original PyTorch SkipClick state dicts <-> the JAX parameter tree.
 
 Rule table (torch key -> JAX path, applied in order; the inverse undoes them):
-  feature_extractor.dinov2.X        -> feature_extractor.X
+  feature_extractor.dinov{2,3}.X    -> feature_extractor.X
   neck.down_K.N.X, head.up_convK.N.X -> ....layers.N.X      (torch Sequential index)
   leaf `weight`, 2-D (Linear)        -> `kernel`, transposed to [in, out]
   leaf `weight`, 4-D Conv2d OIHW     -> `kernel` HWIO, permute (2, 3, 1, 0)
   leaf `weight`, 4-D ConvTranspose2d -> `kernel` [kh, kw, I, O], permute (2, 3, 0, 1)
   leaf `weight`, 1-D (LN/GN)         -> `scale`
-  everything else (bias, tokens, pos_embed, ls gamma) keeps name and shape.
+  everything else (bias, tokens, pos_embed, ls gamma, DINOv3's `rope_embed.periods` and
+  `attn.qkv.bias_mask` buffers) keeps name and shape.
 
 `torch_layout(cfg)` lists every key and shape of the original state dict, in the original order,
 for a project model config. All functions work on numpy arrays; no torch.
@@ -25,11 +26,14 @@ from tqdm import tqdm
 from skipclick_jax.weights import CheckpointError
 
 HUB_PREFIX = "feature_extractor.dinov2."
+DINOV3_PREFIX = "feature_extractor.dinov3."
+BACKBONE_PREFIXES = {"dinov2": HUB_PREFIX, "dinov3": DINOV3_PREFIX}  # by model.backbone.kind
 _SEQ = re.compile(r"^(neck\.down_\d+|head\.up_conv[12])\.(\d+)\.")
 _SEQ_JAX = re.compile(r"^(neck\.down_\d+|head\.up_conv[12])\.layers\.(\d+)\.")
 _CONV_T = re.compile(r"^(neck\.down_4\.[03]|neck\.down_8\.0|head\.up_conv[12]\.0)\.weight$")
 _PERM = {"linear": (1, 0), "conv": (2, 3, 1, 0), "convT": (2, 3, 0, 1)}
 _UPSAMPLE = {"x1": 1, "x2": 2, "x4": 4}
+EXTRACTOR_TYPES = {"dinov2": "dinov2_vitb14_reg", "dinov3": "dinov3_vitb16"}  # `extractor_type`
 
 
 def _kind(torch_key: str, ndim: int) -> str | None:
@@ -43,20 +47,26 @@ def _kind(torch_key: str, ndim: int) -> str | None:
 def jax_path(torch_key: str, ndim: int) -> tuple[str | int, ...]:
     """Torch key (and its tensor's ndim) -> JAX state path, e.g. ('neck', 'down_4', 'layers', 0, 'kernel')."""
     key = torch_key
-    if key.startswith(HUB_PREFIX):
-        key = "feature_extractor." + key[len(HUB_PREFIX):]
+    for prefix in BACKBONE_PREFIXES.values():
+        if key.startswith(prefix):
+            key = "feature_extractor." + key[len(prefix):]
     key = _SEQ.sub(r"\1.layers.\2.", key)
     if key.endswith(".weight"):
         key = key[: -len("weight")] + ("scale" if ndim == 1 else "kernel")
     return tuple(int(p) if p.isdigit() else p for p in key.split("."))
 
 
-def torch_key(path: tuple) -> str:
-    """JAX state path -> torch key (inverse of `jax_path`)."""
+def backbone_prefix(cfg: ml_collections.ConfigDict) -> str:
+    """The torch key prefix of the backbone of model config `cfg`."""
+    return BACKBONE_PREFIXES[cfg.backbone.get("kind", "dinov2")]
+
+
+def torch_key(path: tuple, prefix: str = HUB_PREFIX) -> str:
+    """JAX state path -> torch key (inverse of `jax_path`; `prefix`: the backbone's)."""
     key = ".".join(str(p) for p in path)
     key = _SEQ_JAX.sub(r"\1.\2.", key)
     if key.startswith("feature_extractor."):
-        key = HUB_PREFIX + key[len("feature_extractor."):]
+        key = prefix + key[len("feature_extractor."):]
     for leaf in (".kernel", ".scale"):
         if key.endswith(leaf):
             key = key[: -len(leaf)] + ".weight"
@@ -94,14 +104,23 @@ def torch_layout(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
 
     d, s = bb.dim, st.dim
     conv("patch_embed_coords.proj", 3, s, st.patch)
-    h = HUB_PREFIX
-    out.update({f"{h}cls_token": (1, 1, d), f"{h}pos_embed": (1, 1 + bb.pos_grid**2, d),
-                f"{h}register_tokens": (1, bb.num_registers, d), f"{h}mask_token": (1, d)})
+    h = backbone_prefix(cfg)
+    dinov3 = h == DINOV3_PREFIX
+    if dinov3:
+        out.update({f"{h}cls_token": (1, 1, d), f"{h}storage_tokens": (1, bb.num_registers, d),
+                    f"{h}mask_token": (1, d)})
+    else:
+        out.update({f"{h}cls_token": (1, 1, d), f"{h}pos_embed": (1, 1 + bb.pos_grid**2, d),
+                    f"{h}register_tokens": (1, bb.num_registers, d), f"{h}mask_token": (1, d)})
     conv(f"{h}patch_embed.proj", 3, d, bb.patch)
+    if dinov3:
+        out[f"{h}rope_embed.periods"] = (d // bb.heads // 4,)
     for i in range(bb.depth):
         b = f"{h}blocks.{i}."
         norm(b + "norm1", d)
         linear(b + "attn.qkv", d, 3 * d)
+        if dinov3:
+            out[b + "attn.qkv.bias_mask"] = (3 * d,)
         linear(b + "attn.proj", d, d)
         out[b + "ls1.gamma"] = (d,)
         norm(b + "norm2", d)
@@ -240,6 +259,64 @@ def fold_cls_position(sd: dict) -> dict[str, np.ndarray]:
     return sd
 
 
+# ----------------------------------------------------------------------------- DINOv3 backbones
+def check_periods(periods: np.ndarray, source: str) -> str | None:
+    """A warning text if RoPE `periods` are not bfloat16-representable (the released DINOv3
+    files store bfloat16-rounded periods; others are kept as loaded but may not match them)."""
+    import ml_dtypes
+
+    p = np.asarray(periods, np.float32)
+    rounded = p.astype(ml_dtypes.bfloat16).astype(np.float32)
+    if np.array_equal(p, rounded):
+        return None
+    return (f"{source}: rope_embed.periods are not bfloat16-representable (max relative change "
+            f"under bfloat16 rounding {float(np.max(np.abs(rounded - p) / np.abs(p))):.2g}); the "
+            "released DINOv3 weights store bfloat16-rounded periods, so this file may not be one "
+            "of them. Using the periods as stored.")
+
+
+def timm_to_hub_dinov3(sd: dict, heads: int, rope_base: float) -> dict[str, np.ndarray]:
+    """timm `vit_*_patch16_dinov3[_qkvb]` keys -> DINOv3 hub keys (timm's checkpoint_filter_fn
+    inverted): reg_token -> storage_tokens, gamma_1/2 -> ls1/ls2.gamma, q_bias/v_bias ->
+    qkv.bias [q; 0; v] with bias_mask [1; 0; 1] (no q_bias: a zero bias), mask_token zeros, and
+    the default `rope_embed.periods` rounded to bfloat16 (timm stores none)."""
+    from skipclick_jax.model.dinov3 import default_periods
+
+    sd = dict(sd)
+    if not {"cls_token", "reg_token"} <= sd.keys() or "pos_embed" in sd:
+        raise CheckpointError("timm DINOv3 state dict needs cls_token and reg_token and no pos_embed")
+    cls = sd.pop("cls_token")
+    out = {"cls_token": cls, "storage_tokens": sd.pop("reg_token"),
+           "mask_token": np.zeros_like(cls[0])}
+    out.update({k: v for k, v in sd.items() if k.startswith("patch_embed.")})
+    d = cls.shape[-1]
+    out["rope_embed.periods"] = default_periods(d // heads, rope_base)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        b = f"blocks.{i}."
+        q, v = sd.pop(b + "attn.q_bias", None), sd.pop(b + "attn.v_bias", None)
+        if (q is None) != (v is None):
+            raise CheckpointError(f"timm DINOv3 state dict has only one of {b}attn.q_bias/v_bias")
+        mask = np.ones(3 * d, np.float32)
+        mask[d:2 * d] = 0.0
+        zero = np.zeros(d, np.float32)
+        bias = zero if q is None else np.asarray(q, np.float32)
+        bias = np.concatenate([bias, zero, zero if v is None else np.asarray(v, np.float32)])
+        for name, key in (("norm1.weight", "norm1.weight"), ("norm1.bias", "norm1.bias"),
+                          ("attn.qkv.weight", "attn.qkv.weight")):
+            out[b + name] = sd.pop(b + key)
+        out[b + "attn.qkv.bias"], out[b + "attn.qkv.bias_mask"] = bias, mask
+        for name, key in (("attn.proj.weight",) * 2, ("attn.proj.bias",) * 2,
+                          ("ls1.gamma", "gamma_1"), ("norm2.weight",) * 2, ("norm2.bias",) * 2,
+                          ("mlp.fc1.weight",) * 2, ("mlp.fc1.bias",) * 2, ("mlp.fc2.weight",) * 2,
+                          ("mlp.fc2.bias",) * 2, ("ls2.gamma", "gamma_2")):
+            if b + key not in sd:
+                raise CheckpointError(f"timm DINOv3 state dict has no '{b}{key}'")
+            out[b + name] = sd.pop(b + key)
+    out.update({k: v for k, v in sd.items() if not k.startswith("patch_embed.")})  # norm, extras
+    return out
+
+
 # ----------------------------------------------------------------------------- configs
 def _value(config: dict | None, name: str, default=None):
     params = (config or {}).get("params", {})
@@ -252,8 +329,11 @@ def model_config_from_state_dict(sd: dict, released_config: dict | None,
 
     Shapes decide taps/fuse, skips, stack depth, widths, upsample mode and crop size; the config
     entry must agree with them. Head counts are not visible in shapes: the stack's comes from the
-    entry (backbone_params.num_heads), DINOv2's is dim / 64 (every DINOv2 size). Single-tap
-    checkpoints (use_intermediate=[11]) map to taps=(2,), the released behaviour (spec §8.1).
+    entry (backbone_params.num_heads), DINOv2's is dim / 64 (every DINOv2 size), DINOv3's is
+    dim / (4 · len(rope_embed.periods)). Single-tap checkpoints (use_intermediate=[11]) map to
+    taps=(2,), the released behaviour (spec §8.1). The backbone is DINOv3 when the keys are under
+    `feature_extractor.dinov3.`; the original then accepts any `extractor_type` starting with
+    'dinov3' (dinov3.md §1), DINOv2 needs 'dinov2_vitb14_reg'.
     """
     from skipclick_jax.config_lib import model_config
 
@@ -262,12 +342,15 @@ def model_config_from_state_dict(sd: dict, released_config: dict | None,
             raise CheckpointError(f"{source}: not a SkipClick state dict (no key '{k}')")
         return tuple(sd[k].shape)
 
-    extractor = _value(released_config, "extractor_type", "dinov2_vitb14_reg")
-    if extractor != "dinov2_vitb14_reg" or _value(released_config, "use_conv_stack", False):
-        raise CheckpointError(f"{source}: unsupported variant extractor_type={extractor!r}, "
-                              f"use_conv_stack={_value(released_config, 'use_conv_stack')}")
-    h = HUB_PREFIX
-    _, grid2p1, d = shape(h + "pos_embed")
+    kind = "dinov3" if any(k.startswith(DINOV3_PREFIX) for k in sd) else "dinov2"
+    extractor = _value(released_config, "extractor_type", EXTRACTOR_TYPES[kind])
+    supported = extractor.startswith("dinov3") if kind == "dinov3" else extractor == EXTRACTOR_TYPES[kind]
+    if not supported or _value(released_config, "use_conv_stack", False):
+        raise CheckpointError(f"{source}: unsupported variant extractor_type={extractor!r} with "
+                              f"{kind} backbone keys, use_conv_stack="
+                              f"{_value(released_config, 'use_conv_stack')}")
+    h = BACKBONE_PREFIXES[kind]
+    d = shape(h + "cls_token")[2]
     s = shape("backbone_mix.pos_embed")[2]
     patch = shape("patch_embed_coords.proj.weight")[2]
     grid = int(round(np.sqrt(shape("backbone_mix.pos_embed")[1])))
@@ -294,16 +377,29 @@ def model_config_from_state_dict(sd: dict, released_config: dict | None,
         if stated is not None and stated != implied:
             raise CheckpointError(f"{source}: config entry {name} = {stated!r} contradicts the "
                                   f"tensor shapes, which imply {implied!r}")
+    patch_bb = shape(h + "patch_embed.proj.weight")[2]
+    if patch_bb != patch:
+        raise CheckpointError(f"{source}: backbone patch {patch_bb} differs from the click "
+                              f"embedding's patch {patch} (patch_embed_coords.proj.weight)")
     cfg = model_config(
-        taps=(2, 5, 8, 11) if n_taps == 4 else (2,), skip_connections=skip, stack_depth=depth_st,
-        upsample=upsample, frozen=not _value(released_config, "trained_extractor", False),
-        crop_size=grid * patch,
+        backbone=kind, taps=(2, 5, 8, 11) if n_taps == 4 else (2,), skip_connections=skip,
+        stack_depth=depth_st, upsample=upsample,
+        frozen=not _value(released_config, "trained_extractor", False), crop_size=grid * patch,
     )
     mlp_bb = shape(h + "blocks.0.mlp.fc1.weight")[0] / d
     mlp_st = shape("backbone_mix.blocks.0.mlp.fc1.weight")[0] / s
-    cfg.backbone.update(dim=d, depth=depth_bb, heads=max(1, d // 64), patch=patch,
-                        num_registers=shape(h + "register_tokens")[1],
-                        pos_grid=int(round(np.sqrt(grid2p1 - 1))), mlp_ratio=int(mlp_bb))
+    if kind == "dinov3":
+        head_dim = 4 * shape(h + "rope_embed.periods")[0]
+        if d % head_dim:
+            raise CheckpointError(f"{source}: rope_embed.periods {shape(h + 'rope_embed.periods')} "
+                                  f"implies head dim {head_dim}, which does not divide dim {d}")
+        cfg.backbone.update(dim=d, depth=depth_bb, heads=d // head_dim, patch=patch,
+                            num_registers=shape(h + "storage_tokens")[1], mlp_ratio=int(mlp_bb))
+    else:
+        grid2p1 = shape(h + "pos_embed")[1]
+        cfg.backbone.update(dim=d, depth=depth_bb, heads=max(1, d // 64), patch=patch,
+                            num_registers=shape(h + "register_tokens")[1],
+                            pos_grid=int(round(np.sqrt(grid2p1 - 1))), mlp_ratio=int(mlp_bb))
     cfg.stack.update(dim=s, heads=bp.get("num_heads", max(1, s // 64)), patch=patch,
                      mlp_ratio=int(mlp_st))
     cfg.neck.out_dims = out_dims
@@ -313,14 +409,18 @@ def model_config_from_state_dict(sd: dict, released_config: dict | None,
 
 
 def released_config_entry(cfg: ml_collections.ConfigDict) -> dict:
-    """The original-format `config` entry (builtin values only) for an exported `.pth`."""
+    """The original-format `config` entry (builtin values only) for an exported `.pth`.
+
+    For DINOv3 the original also needs `backbone_repo_path`/`backbone_weight_path` (local paths to
+    rebuild the torch model with torch.hub); they are not known here and left out."""
     taps = tuple(cfg.backbone.taps)
     if taps not in ((2,), (2, 5, 8, 11)):
         raise CheckpointError(f"taps={taps} cannot be expressed in the original code, which always "
                               "taps blocks (2, 5, 8, 11) and feeds block 2 to single-tap models")
     st, hd = cfg.stack, cfg.head
     params = dict(
-        extractor_type="dinov2_vitb14_reg", trained_extractor=not cfg.backbone.frozen,
+        extractor_type=EXTRACTOR_TYPES[cfg.backbone.get("kind", "dinov2")],
+        trained_extractor=not cfg.backbone.frozen,
         use_intermediate=[11] if taps == (2,) else [2, 5, 8, 11],
         skip_connections=bool(cfg.neck.skip_connections), random_split=False, use_conv_stack=False,
         use_disks=True, norm_radius=cfg.disk_radius, with_prev_mask=True,
