@@ -23,6 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
 from skipclick_jax import config_lib  # noqa: E402
 from skipclick_jax.model import build_model, decode_fn, encode_fn  # noqa: E402
+from skipclick_jax.runtime import versions_line  # noqa: E402
 
 
 def flops(compiled) -> float:
@@ -65,6 +66,7 @@ def main() -> None:
     t_enc = median_ms(lambda: encode(state, images), args.repeats)
     t_dec = median_ms(lambda: decode(state, enc, prev, points), args.repeats)
     t_full = median_ms(lambda: full(state, images, prev, points), args.repeats)
+    print(versions_line())
     print(f"config {pathlib.Path(args.config).name} at {s}x{s}, backend {jax.default_backend()}, "
           f"{jax.device_count()} device(s)")
     print("| path | GFLOPs | median ms |\n|---|---|---|")

@@ -2,7 +2,8 @@
 # Creates (or reuses) the project's virtualenv and links it as ./.venv.
 #   PYTHON=python3.12 bash scripts/setup_env.sh    # another interpreter (default: python3)
 # One venv per Python version and dependency set, outside the clone so fresh clones reuse it:
-#   ${SKIPCLICK_CACHE:-~/.cache/skipclick-jax}/venv-py<X.Y.Z>-<hash of Python, pyproject.toml, this script>
+#   ${SKIPCLICK_CACHE:-~/.cache/skipclick-jax}/venv-py<X.Y.Z>-<hash of the interpreter,
+#   pyproject.toml's [project] requirements and this script>
 # Installs the package (editable) with the test, export and app extras, plus the torch extra
 # (converters, parity tests) on Python 3.11, the only version with local torch wheels.
 set -euo pipefail
@@ -18,8 +19,12 @@ case "$pyver" in
   3.1[2-9].*) extras="test,export,app" ;;
   *) echo "setup: Python $pyver from $python is unsupported (need >= 3.11)" >&2; exit 1 ;;
 esac
-key=$({ "$python" -c 'import sys; print(sys.version, sys.base_prefix)'; cat pyproject.toml scripts/setup_env.sh; } \
-      | sha256sum | cut -c1-16)
+# The dependency set: [project]'s requirements (not the tool sections), with the interpreter.
+deps=$("$python" -c 'import json, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(sys.version, sys.base_prefix)
+print(json.dumps([project.get(k) for k in ("requires-python", "dependencies", "optional-dependencies")]))')
+key=$({ echo "$deps"; cat scripts/setup_env.sh; } | sha256sum | cut -c1-16)
 venv="${SKIPCLICK_CACHE:-$HOME/.cache/skipclick-jax}/venv-py$pyver-$key"
 if [ ! -f "$venv/.complete" ]; then
   echo "setup: creating $venv (Python $pyver; first run installs jax, flax, ...; a few minutes)" >&2
