@@ -19,18 +19,19 @@ case "$pyver" in
   3.1[2-9].*) extras="test,export,app" ;;
   *) echo "setup: Python $pyver from $python is unsupported (need >= 3.11)" >&2; exit 1 ;;
 esac
-# The dependency set: [project]'s requirements (not the tool sections), with the interpreter.
-deps=$("$python" -c 'import json, sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print(sys.version, sys.base_prefix)
+# The dependency set: [project]'s requirements and [build-system]'s (setuptools, kept in the venv
+# so the editable install can be re-pointed without build isolation), with the interpreter.
+read_toml='import json, sys, tomllib; toml = tomllib.load(open("pyproject.toml", "rb"))'
+build_reqs=$("$python" -c "$read_toml"'; print(" ".join(toml["build-system"]["requires"]))')
+deps=$("$python" -c "$read_toml"'; project = toml["project"]; print(sys.version, sys.base_prefix)
 print(json.dumps([project.get(k) for k in ("requires-python", "dependencies", "optional-dependencies")]))')
-key=$({ echo "$deps"; cat scripts/setup_env.sh; } | sha256sum | cut -c1-16)
+key=$({ echo "$build_reqs"; echo "$deps"; cat scripts/setup_env.sh; } | sha256sum | cut -c1-16)
 venv="${SKIPCLICK_CACHE:-$HOME/.cache/skipclick-jax}/venv-py$pyver-$key"
 if [ ! -f "$venv/.complete" ]; then
   echo "setup: creating $venv (Python $pyver; first run installs jax, flax, ...; a few minutes)" >&2
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q --upgrade pip $build_reqs
   "$venv/bin/pip" install -q -e ".[$extras]"
   "$venv/bin/pip" install -q --no-deps "$jax2onnx"
   touch "$venv/.complete"
