@@ -53,6 +53,7 @@ def main() -> None:
     from convert_weights.convert import read_file
     from convert_weights.torch_reference import build_reference
     from skipclick_jax.config_lib import model_config
+    from skipclick_jax.runtime import versions_line
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None, help="where the files go (default: a temp dir)")
@@ -74,6 +75,7 @@ def main() -> None:
                                             "--overwrite")),
         ("export -> .pth", run_cli(str(work / "ckpt"), "--out", str(work / "back.pth"), "--overwrite")),
     ]
+    print(versions_line())
     for name, (wall, rss) in rows:
         print(f"{name:<36} {wall:7.1f} s   peak RSS {rss:7.0f} MiB")
     original = read_file(src)[0]

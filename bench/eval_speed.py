@@ -52,6 +52,7 @@ from skipclick_jax.evaluation.engine import (
     skipclick_predictor,
 )
 from skipclick_jax.model import build_model
+from skipclick_jax.runtime import versions_line
 
 CLICKS_NEEDED = np.array([1, 2, 3, 4, 6, 9, 14, 0])  # 0: hopeless (contrast 0)
 CLICKS_PROB = np.array([0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.1])
@@ -280,6 +281,7 @@ def main():
         assert noc.tolist() == noc_loop.tolist(), (name, noc, noc_loop)
 
     counts = np.bincount([len(c) for c, _ in loop], minlength=args.clicks + 1)[1:]
+    print(versions_line())
     print(f"model={args.model} S={args.size} images={args.images} instances={len(samples)} batch={batch} "
           f"devices={jax.device_count()} ({jax.devices()[0].platform}); NoC@80..95 = {noc_loop.tolist()}")
     print(f"instances per number of clicks 1..{args.clicks}: {counts.tolist()}")

@@ -33,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
 from skipclick_jax import config_lib, resize  # noqa: E402
 from skipclick_jax.model import build_model, decode_fn, encode_fn  # noqa: E402
+from skipclick_jax.runtime import versions_line  # noqa: E402
 
 PEAK_N = 2048  # the peak matmul: [N, N] @ [N, N] float32
 
@@ -203,6 +204,7 @@ def main(argv=None) -> None:
 
     peak = 2 * PEAK_N**3 / 1e9 / (ms["matmul peak"] / 1e3)
     load = os.getloadavg()
+    print(versions_line())
     print(f"config {pathlib.Path(args.config).name} at {s}x{s}, batch 1, jax {jax.__version__}, "
           f"backend {jax.default_backend()} ({jax.device_count()} device(s), {os.cpu_count()} CPUs), "
           f"precision {args.precision}, XLA on {'1 thread' if args.single_thread else 'all cores'}, "

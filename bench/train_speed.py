@@ -77,11 +77,13 @@ def _jax_setup(config: str, batch: int, crop: int, max_clicks: int):
 
 
 def run_jax(config: str, batch: int, crop: int, max_clicks: int, steps: int) -> dict:
+    from skipclick_jax.runtime import compiled_memory
+
     jax, state, frozen, step, data = _jax_setup(config, batch, crop, max_clicks)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, frozen, data).compile()
     compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
+    mem = compiled_memory(compiled)
     holder = [state]
 
     def one():
@@ -89,8 +91,7 @@ def run_jax(config: str, batch: int, crop: int, max_clicks: int, steps: int) -> 
         jax.block_until_ready(metrics)
 
     sec = _timed(one, steps)
-    xla_peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    return dict(step_s=sec, samples_per_s=batch / sec, compile_s=compile_s, xla_peak_mb=xla_peak / 2**20)
+    return dict(step_s=sec, samples_per_s=batch / sec, compile_s=compile_s, xla_peak_mb=mem["peak"] / 2**20)
 
 
 def run_torch(config: str, batch: int, crop: int, steps: int) -> dict:
@@ -188,6 +189,9 @@ def main() -> None:
     if args.worker:
         return _worker(json.loads(args.worker))
 
+    from skipclick_jax.runtime import versions_line
+
+    print(versions_line())
     print(f"{'row':<52} {'step s':>8} {'samples/s':>10} {'peak RSS MB':>12} {'XLA peak MB':>12}")
     for name in args.rows.split(","):
         if name not in ROWS:

@@ -19,3 +19,30 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.P
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
+
+
+def versions_line() -> str:
+    """One line naming the stack a measured figure comes from, e.g. for benchmark headers:
+    'python 3.12.1, jax 0.12.0.1, jaxlib 0.12.0.1, flax 0.12.12, backend cpu (1 device)'."""
+    import platform
+
+    import flax
+    import jaxlib
+
+    return (f"python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
+            f"flax {flax.__version__}, backend {jax.default_backend()} ({jax.device_count()} device(s))")
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """XLA's memory estimate of a `jax.jit(f).lower(...).compile()` result, in bytes, read the same
+    way on every supported jax: argument, output, temp, alias, generated_code, and peak
+    (argument + output + temp - alias; XLA's own `peak_memory_in_bytes` is kept as xla_peak
+    where the backend fills it in, 0 otherwise)."""
+    stats = compiled.memory_analysis()
+    if isinstance(stats, (list, tuple)):  # one entry per device on some versions
+        stats = stats[0]
+    out = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)
+           for name in ("argument", "output", "temp", "alias", "generated_code")}
+    out["peak"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    out["xla_peak"] = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
+    return out

@@ -1,5 +1,13 @@
-"""Shared fixtures. Tests run on CPU; parity tests use float32 matmuls at 'highest' precision."""
+"""Shared fixtures. Tests run on CPU; parity tests use float32 matmuls at 'highest' precision.
 
+Tests that need PyTorch or timm (the `torch` extra, Python 3.11 only) start with
+`pytest.importorskip("torch")` / `("timm")`, so without the extra they are skipped with the
+reason. With SKIPCLICK_REQUIRE_TORCH=1 (`.ci/run`'s Python 3.11 leg) a missing torch/timm is a
+usage error and any torch/timm skip fails the run, so a suite without its parity tests cannot
+look green.
+"""
+
+import importlib.util
 import os
 import sys
 
@@ -7,9 +15,58 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from skipclick_jax.runtime import enable_compilation_cache  # noqa: E402
+from skipclick_jax.runtime import enable_compilation_cache, versions_line  # noqa: E402
 
 enable_compilation_cache()
+
+TORCH_MODULES = ("torch", "timm")
+REQUIRE_TORCH = os.environ.get("SKIPCLICK_REQUIRE_TORCH") == "1"
+_torch_skips: list[str] = []
+
+
+def _missing_torch_modules() -> list[str]:
+    return [m for m in TORCH_MODULES if importlib.util.find_spec(m) is None]
+
+
+def pytest_configure(config):
+    missing = _missing_torch_modules()
+    if REQUIRE_TORCH and missing:
+        raise pytest.UsageError(f"SKIPCLICK_REQUIRE_TORCH=1 but {', '.join(missing)} cannot be imported: "
+                                f"install the torch extra (Python 3.11: pip install -e '.[torch]')")
+
+
+def pytest_report_header(config):
+    missing = _missing_torch_modules()
+    torch_line = (f"torch extra: missing {', '.join(missing)}; tests that need it are skipped"
+                  if missing else "torch extra: installed")
+    return [versions_line(), torch_line + (" (required: SKIPCLICK_REQUIRE_TORCH=1)" if REQUIRE_TORCH else "")]
+
+
+def _note_torch_skip(report):
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if any(f"'{m}'" in reason or f"No module named '{m}" in reason for m in TORCH_MODULES):
+            _torch_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report):
+    _note_torch_skip(report)
+
+
+def pytest_runtest_logreport(report):
+    _note_torch_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if REQUIRE_TORCH and _torch_skips:
+        terminalreporter.section("torch required but skipped", red=True)
+        for line in _torch_skips:
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REQUIRE_TORCH and _torch_skips:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
