@@ -6,7 +6,8 @@
 CKPT is anything `skipclick_jax.checkpoint.load` accepts. `--size S` uses S for every dataset
 (default: the protocol's per-dataset sizes), `--all-clicks` runs all clicks (target_iou 1.01, for
 mIoU@k), `--no-flip` switches off the horizontal-flip TTA. Outputs: see
-`skipclick_jax.evaluation.evaluate`.
+`skipclick_jax.evaluation.evaluate`. Several processes (--coordinator ... or --distributed, see
+README "Several hosts") split each dataset's samples; process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 
 import ml_collections
 
+from skipclick_jax import distributed
 from skipclick_jax.evaluation.defaults import eval_defaults
 from skipclick_jax.evaluation.evaluate import evaluate
 
@@ -35,6 +37,7 @@ def _parse(argv):
     parser.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA")
     parser.add_argument("--size", type=int, default=None, help="network input size S for every dataset")
     parser.add_argument("--all-clicks", action="store_true", help="run all clicks (target_iou=1.01)")
+    distributed.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for arg in rest:
@@ -77,6 +80,17 @@ def _override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
 
 def main(argv=None) -> dict:
     args, overrides, datasets = _parse(sys.argv[1:] if argv is None else argv)
+    distributed.initialize(distributed.launch_from_args(args))
+    try:
+        summary = _main(args, overrides, datasets)
+    except BaseException as e:
+        distributed.fail(e)
+        raise
+    distributed.shutdown()
+    return summary
+
+
+def _main(args, overrides, datasets) -> dict:
     from skipclick_jax import checkpoint
     from skipclick_jax.runtime import enable_compilation_cache
 
@@ -99,8 +113,16 @@ def main(argv=None) -> dict:
         cfg.eval.sizes = {}
     if args.all_clicks:
         cfg.eval.target_iou = 1.01
+    if "Synthetic" in datasets and cfg.get("data", {}).get("synthetic"):  # the run's own val split
+        from skipclick_jax.data.eval_datasets import load_eval_dataset
+        from skipclick_jax.data.synthetic import SyntheticConfig
+
+        with distributed.main_first("load Synthetic"):
+            datasets["Synthetic"] = load_eval_dataset("Synthetic", data_dir=args.data_dir,
+                                                      synthetic=SyntheticConfig(**{
+                k: tuple(v) if isinstance(v, list) else v for k, v in cfg.data.synthetic.items()}))
     summary = evaluate(model, datasets, args.out, cfg.eval, data_dir=args.data_dir)
-    for name, s in summary.items():
+    for name, s in summary.items() if distributed.is_main() else ():
         nocs = ", ".join(f"NoC@{k}={v:.2f}" for k, v in s["noc"].items())
         print(f"{name}: {s['instances']} instances, {nocs}, {s['clicks_per_second']:.1f} clicks/s")
     return summary

@@ -26,7 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from skipclick_jax import checkpoint
+from skipclick_jax import checkpoint, distributed
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.pipeline import make_global_batch, train_dataset
 from skipclick_jax.data.points_sampler import MultiPointSampler
@@ -41,20 +41,25 @@ from skipclick_jax.train.summary import Writer, preview_image
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, previews, eval).")
 flags.DEFINE_string("init-from", None, "DINOv2 hub/timm backbone file or SkipClick checkpoint to start from.")
+flags.DEFINE_bool("log-batch-hashes", False, "Write per-row hashes of each process's input to <workdir>/batches/.")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_absl_flags()
 
 log = logging.getLogger("train")
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None,
+                       log_batch_hashes: bool = False):
     """Trains for cfg.train.num_steps (resuming from `workdir`), then evaluates; returns the
-    final TrainState. Raises FloatingPointError on a non-finite loss (checkpoints stay good)."""
+    final TrainState. Raises FloatingPointError on a non-finite loss (checkpoints stay good).
+
+    With several processes (skipclick_jax.distributed) every process runs this: each reads its
+    rows of the global batch, all write the checkpoints, process 0 alone writes logs and eval."""
     tc = cfg.train
-    if tc.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(distributed.Launch(auto=tc.distributed))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main()
 
     # ------------------------------------------------------------------ Mesh
     mesh = sharding.make_mesh(tc.mesh.data, tc.mesh.fsdp)
@@ -69,9 +74,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
              dict(mesh.shape), num_steps, steps_per_epoch, tc.batch_size)
 
     # ------------------------------------------------------------------ Input
-    iterator = _train_iterator(cfg)
-    eval_datasets = _eval_datasets(cfg)
+    with distributed.main_first("datasets"):  # a TFDS build runs once, on process 0
+        iterator = _train_iterator(cfg)
+        eval_datasets = _eval_datasets(cfg)
     batch_sharding = sharding.batch_sharding(mesh)
+    sharding.process_rows(batch_sharding, tc.batch_size)  # what _train_iterator reads
 
     # ------------------------------------------------------------------ Model
     # Shapes only: the weights are initialised (or imported) below unless a checkpoint is restored.
@@ -90,10 +97,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
                                  pred_thresh=tc.pred_thresh, **tc.loss),
         mesh, state_sharding, frozen_sharding)
     n_preview = min(tc.num_image_summaries, tc.batch_size)
-    preview = jax.jit(step_lib.make_preview_fn(
+    preview = distributed.SyncedJit(jax.jit(step_lib.make_preview_fn(
         graphdef, num=n_preview, max_num_next_clicks=tc.max_num_next_clicks,
-        pred_thresh=tc.pred_thresh), out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
-    all_finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
+        pred_thresh=tc.pred_thresh), out_shardings=jax.sharding.NamedSharding(mesh, jax.P())), "preview")
+    all_finite = distributed.SyncedJit(jax.jit(
+        lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))), "all_finite")
 
     # ------------------------------------------------------------------ Checkpoint
     ckpt = checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, config=cfg)
@@ -112,7 +120,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
 
     writer = Writer(workdir)
     if start == 0 and tc.eval_untrained and eval_datasets:
-        _evaluate(cfg, eval_datasets, nnx.merge(graphdef, state.params, frozen),
+        _evaluate(cfg, eval_datasets, _local_model(graphdef, state.params, frozen),
                   workdir / "eval" / "untrained", writer, 0)
 
     # ------------------------------------------------------------------ Train loop
@@ -129,10 +137,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not is_main,
                dynamic_ncols=True)
     pending, last_log = None, (start, time.perf_counter())
+    batch_log = distributed.BatchLog(workdir if log_batch_hashes else None)
     try:
         for step in range(start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = make_global_batch(next(iterator), batch_sharding)
+                rows = next(iterator)
+                batch_log.record(step, rows)
+                batch = make_global_batch(rows, batch_sharding)
                 state, metrics = train_step(state, frozen, batch)
             if pending is not None:  # one step behind, so the host never waits for the device
                 check(*pending)
@@ -166,13 +177,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
             check(*pending)
     finally:
         bar.close()
+        batch_log.close()
         ckpt.wait()
         if metrics_file:
             metrics_file.close()
 
     # ------------------------------------------------------------------ Eval
     if eval_datasets:
-        _evaluate(cfg, eval_datasets, nnx.merge(graphdef, state.params, frozen),
+        _evaluate(cfg, eval_datasets, _local_model(graphdef, state.params, frozen),
                   workdir / "eval" / f"step_{num_steps}", writer, num_steps)
         if is_main:
             _print_tables(workdir / "eval")
@@ -216,6 +228,13 @@ def _eval_datasets(cfg) -> dict:
     return out
 
 
+def _local_model(graphdef, params, frozen) -> nnx.Module:
+    """The model on this process's devices: evaluation splits samples, not arrays, over processes."""
+    if jax.process_count() > 1:
+        params, frozen = jax.device_put(distributed.fully_replicated((params, frozen)), jax.local_devices()[0])
+    return nnx.merge(graphdef, params, frozen)
+
+
 def _evaluate(cfg, datasets: dict, model: nnx.Module, out: pathlib.Path, writer: Writer, step: int):
     """NoC evaluation of `model` (evaluation.evaluate), written to `out` and to TensorBoard."""
     summary = evaluate(model, datasets, out, cfg.eval, data_dir=cfg.data.data_dir or None)
@@ -234,10 +253,18 @@ def _count(tree) -> int:
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = flags.FLAGS.config
+    distributed.initialize(distributed.launch_from_absl_flags(auto=cfg.train.distributed))
+    distributed.configure_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     enable_compilation_cache()
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS["init-from"].value)
+    try:
+        train_and_evaluate(cfg, flags.FLAGS.workdir, flags.FLAGS["init-from"].value,
+                           flags.FLAGS["log-batch-hashes"].value)
+    except BaseException as e:
+        distributed.fail(e)
+        raise
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
