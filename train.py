@@ -229,9 +229,9 @@ def _eval_datasets(cfg) -> dict:
 
 
 def _local_model(graphdef, params, frozen) -> nnx.Module:
-    """The model on this process's devices: evaluation splits samples, not arrays, over processes."""
-    if jax.process_count() > 1:
-        params, frozen = jax.device_put(distributed.fully_replicated((params, frozen)), jax.local_devices()[0])
+    """The model on this process's first device (the evaluation splits samples over processes and
+    lays the model out on each process's devices itself)."""
+    params, frozen = jax.device_put(distributed.fully_replicated((params, frozen)), jax.local_devices()[0])
     return nnx.merge(graphdef, params, frozen)
 
 

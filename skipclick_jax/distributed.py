@@ -37,6 +37,9 @@ SHUTDOWN_TIMEOUT_S = 60  # a clean shutdown waits this long for the other proces
 WAIT_TIMEOUT_S = 24 * 3600  # barriers and gathers wait this long for a live but slower peer
 
 
+_settings = dict(heartbeat_timeout=HEARTBEAT_TIMEOUT_S)
+
+
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """How this process joins the others (all None / False: a single process).
@@ -79,6 +82,7 @@ def initialize(launch: Launch) -> None:
         raise ValueError("several processes need --coordinator, --num-processes and --process-id "
                          f"together (got {explicit}), or auto-detection (train.distributed=True / "
                          "--distributed) on a cluster")
+    _settings["heartbeat_timeout"] = launch.heartbeat_timeout
     jax.distributed.initialize(
         coordinator_address=launch.coordinator, num_processes=launch.num_processes,
         process_id=launch.process_id, coordinator_bind_address=launch.bind,
@@ -118,7 +122,7 @@ def fail(error: BaseException) -> None:
     if is_initialized() and jax.process_count() > 1:
         traceback.print_exception(error)
         print(f"process {jax.process_index()} of {jax.process_count()} failed "
-              f"({type(error).__name__}); the others stop within {HEARTBEAT_TIMEOUT_S} s",
+              f"({type(error).__name__}); the others stop within {_settings['heartbeat_timeout']} s",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
@@ -127,13 +131,13 @@ def fail(error: BaseException) -> None:
 # ----------------------------------------------------------------------------- command lines
 _FLAGS = (  # name, type, help
     ("coordinator", str, "several processes: host:port of process 0's coordination service"),
-    ("coordinator-bind", str, "address process 0's service binds (default all interfaces; "
-                              "127.0.0.1:PORT on one machine)"),
+    ("coordinator-bind", str, ("address process 0's service binds (default all interfaces; "
+                               "127.0.0.1:PORT on one machine)")),
     ("num-processes", int, "several processes: how many (with --coordinator, --process-id)"),
     ("process-id", int, "several processes: this one's index, 0 .. num-processes - 1"),
     ("cpu-devices", int, "virtual CPU devices per process (testing on CPU)"),
-    ("heartbeat-timeout", int, f"seconds without a heartbeat before a process counts as dead "
-                               f"and the others stop (default {HEARTBEAT_TIMEOUT_S})"),
+    ("heartbeat-timeout", int, (f"seconds without a heartbeat before a process counts as dead "
+                                f"and the others stop (default {HEARTBEAT_TIMEOUT_S})")),
 )
 
 
@@ -253,9 +257,9 @@ def _unique(name: str) -> str:
 
 def fully_replicated(tree: Any) -> Any:
     """Global (possibly sharded) arrays -> numpy copies of their full values on every process
-    (a collective); trees of one process are returned unchanged."""
+    (with several processes a collective)."""
     if jax.process_count() == 1:
-        return tree
+        return jax.device_get(tree)
     out = jax.tree.map(lambda x: NamedSharding(x.sharding.mesh, PartitionSpec()), tree)
     gathered = SyncedJit(jax.jit(lambda t: t, out_shardings=out), "fully_replicated")(tree)
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), gathered)

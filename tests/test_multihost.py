@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -227,3 +226,57 @@ def test_multihost_eval_cli_matches_one_process(runs, tfds_dir, tmp_path):
     Launch([str(ROOT / "eval.py"), "--checkpoint", str(runs["ref"]), "--dataset", "Synthetic=",
             "--out", str(out), "--data-dir", str(tfds_dir)], 2, tmp_path / "eval").check()
     assert _eval_files(out) == _eval_files(runs["ref"] / "eval" / f"step_{STEPS}")
+
+
+# ----------------------------------------------------------------------------- failures
+FAILURE_BOUND_S = 60  # a peer's death stops the others within this (heartbeat 10 s in these tests)
+
+
+def _stops_with_message(launch: Launch, survivor: int, killed_at: float) -> float:
+    """Waits (bounded) for `survivor` to exit after its peer was killed; checks it failed loudly."""
+    try:
+        code = launch.procs[survivor].wait(timeout=FAILURE_BOUND_S)
+    except subprocess.TimeoutExpired:
+        launch.kill()
+        pytest.fail(f"process {survivor} still running {FAILURE_BOUND_S} s after its peer died:\n"
+                    f"{launch.tail()}")
+    seconds = time.monotonic() - killed_at
+    text = launch.text(survivor)
+    assert code != 0, text[-3000:]
+    assert "another task died" in text or f"process {survivor} of 2 failed" in text, text[-3000:]
+    return seconds
+
+
+def test_multihost_peer_killed_while_saving_a_checkpoint(runs, tfds_dir, tmp_path):
+    """SIGKILL process 1 while the step-4 checkpoint is being written: process 0 stops within the
+    bound; the same command then resumes from the last complete step and reproduces the losses."""
+    multi = tmp_path / "multi"
+    args = _train_args(multi, tfds_dir, fsdp=2)
+    first = Launch(args, 2, tmp_path / "killed")
+    ckpt = multi / "checkpoints"
+    _wait_for(lambda: ckpt.is_dir() and any(p.name.startswith(f"{2 * EVERY}.orbax-checkpoint-tmp")
+                                            for p in ckpt.iterdir()), first, "the step-4 checkpoint write")
+    first.kill(1)
+    seconds = _stops_with_message(first, 0, time.monotonic())
+    print(f"process 0 stopped {seconds:.1f} s after process 1 was killed")
+    complete = _complete_steps(multi)
+    assert complete and complete[-1] < STEPS, complete
+
+    second = Launch(args, 2, tmp_path / "resumed")
+    second.check()
+    assert f"resumed from {ckpt}/{complete[-1]}" in second.text(0)
+    ref_m, m = _metrics(runs["ref"]), _metrics(multi)
+    assert [m[s]["loss"] for s in ref_m] == [ref_m[s]["loss"] for s in ref_m]
+    assert not [p.name for p in ckpt.iterdir() if "tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_multihost_process_0_killed_stops_the_others(runs, tfds_dir, tmp_path):
+    """SIGKILL process 0 (it hosts the coordination service) mid-training: process 1 stops."""
+    multi = tmp_path / "multi"
+    first = Launch(_train_args(multi, tfds_dir, fsdp=2), 2, tmp_path / "killed")
+    _wait_for(lambda: (multi / "metrics.jsonl").is_file() and (multi / "metrics.jsonl").read_text(),
+              first, "the first step")
+    first.kill(0)
+    seconds = _stops_with_message(first, 1, time.monotonic())
+    print(f"process 1 stopped {seconds:.1f} s after process 0 was killed")

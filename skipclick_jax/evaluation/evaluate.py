@@ -28,7 +28,12 @@ import ml_collections
 import numpy as np
 
 from skipclick_jax import distributed, metrics
-from skipclick_jax.evaluation.engine import Predictor, Protocol, run_samples, skipclick_predictor
+from skipclick_jax.evaluation.engine import (
+    Predictor,
+    Protocol,
+    run_samples,
+    skipclick_predictor,
+)
 
 THRESHOLD_KEYS = ("80", "85", "90", "95")
 
