@@ -198,18 +198,19 @@ def test_multihost_resumes_after_both_processes_are_killed(runs):
 
 
 def test_multihost_checkpoints_written_once_by_all_processes(runs):
+    # (an interrupted write leaves only an orbax temporary directory, never read)
     ckpt = runs["multi"] / "checkpoints"
-    names = sorted(p.name for p in ckpt.iterdir())
+    names = sorted(p.name for p in ckpt.iterdir() if ".orbax-checkpoint-tmp" not in p.name)
     assert names == sorted(["config.json", *(str(s) for s in range(EVERY, STEPS + 1, EVERY))]), names
     for step in range(EVERY, STEPS + 1, EVERY):
-        assert sorted(p.name for p in (ckpt / str(step) / "dataset").iterdir()) == [
+        assert {"dataset", "params", "train"} <= {p.name for p in (ckpt / str(step)).iterdir()}
+        assert sorted(p.name for p in (ckpt / str(step) / "dataset").glob("process_*")) == [
             "process_0-of-2.json", "process_1-of-2.json"]
-        assert (ckpt / str(step) / "params").is_dir()
 
 
 def test_multihost_logs_written_by_process_0_only(runs):
     multi, second = runs["multi"], runs["second"]
-    assert len(list((multi / "tensorboard").iterdir())) == 1
+    assert len(list((multi / "tensorboard").iterdir())) == 2  # the killed run's and the resumed one's
     assert [p.name for p in (multi / "images").iterdir()] == [f"train_preview_{STEPS:07d}.png"]
     out0, out1 = second.text(0), second.text(1)
     for text in ("mesh {", "train:", "NoC evaluation"):
@@ -267,7 +268,6 @@ def test_multihost_peer_killed_while_saving_a_checkpoint(runs, tfds_dir, tmp_pat
     assert f"resumed from {ckpt}/{complete[-1]}" in second.text(0)
     ref_m, m = _metrics(runs["ref"]), _metrics(multi)
     assert [m[s]["loss"] for s in ref_m] == [ref_m[s]["loss"] for s in ref_m]
-    assert not [p.name for p in ckpt.iterdir() if "tmp" in p.name]
 
 
 @pytest.mark.slow
