@@ -42,11 +42,13 @@ def run(workdir: pathlib.Path, nproc: int, gloo: bool, steps: int, fsdp: int, da
     for i in range(nproc):
         extra = ([f"--coordinator=127.0.0.1:{port}", f"--coordinator-bind=127.0.0.1:{port}",
                   f"--num-processes={nproc}", f"--process-id={i}"] if gloo else [])
-        procs.append(subprocess.Popen(args + extra, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+        with open(f"{workdir}.p{i}.log", "w") as log:
+            procs.append(subprocess.Popen(args + extra, env=env, cwd=ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=3600) for p in procs]
     if any(codes):
-        raise SystemExit(f"{workdir}: return codes {codes}")
+        tail = pathlib.Path(f"{workdir}.p0.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{workdir}: return codes {codes}\n{tail}")
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [8 / r["samples_per_sec"] for r in lines if r["step"] > 3]
 
@@ -60,7 +62,7 @@ def main() -> None:
         tmp = pathlib.Path(tmp)
         results = {}
         for name, nproc, gloo in [("1 x 8, in-process collectives", 1, False),
-                                  ("1 x 8, gloo", 1, True), ("2 x 4, gloo", 2, True)]:
+                                  ("2 x 4, gloo", 2, True), ("1 x 8, gloo", 1, True)]:
             t = run(tmp / name.replace(" ", "_").replace(",", ""), nproc, gloo, args.steps, args.fsdp,
                     str(tmp / "tfds"))
             results[name] = statistics.median(t)
