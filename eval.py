@@ -12,6 +12,8 @@ for every dataset (default: the protocol's per-dataset sizes), `--all-clicks` ru
 evaluates the synthetic val split of the checkpoint's own `data.synthetic` settings. Every
 dataset folder is read and checked before the first evaluation; an `--out` folder with results
 is refused unless `--overwrite`. Outputs: see `skipclick_jax.evaluation.evaluate`.
+Several processes (--coordinator ... or --distributed, see README "Several hosts") split
+each dataset's samples; process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 
 import ml_collections
 
+from skipclick_jax import distributed
 from skipclick_jax.data.eval_datasets import EVAL_DATASETS, load_eval_dataset
 from skipclick_jax.evaluation.defaults import eval_defaults
 from skipclick_jax.evaluation.evaluate import evaluate
@@ -45,6 +48,7 @@ def _parse(argv):
     parser.add_argument("--config", default=None, metavar="FILE[:ARG]",
                         help="config file (configs/*.py, optionally :arg, or a config.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    distributed.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for arg in rest:
@@ -100,6 +104,17 @@ def _override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
 
 def main(argv=None) -> dict:
     args, overrides, datasets = _parse(sys.argv[1:] if argv is None else argv)
+    distributed.initialize(distributed.launch_from_args(args))
+    try:
+        summary = _main(args, overrides, datasets)
+    except BaseException as e:
+        distributed.fail(e)
+        raise
+    distributed.shutdown()
+    return summary
+
+
+def _main(args, overrides, datasets) -> dict:
     from skipclick_jax import checkpoint, config_lib
     from skipclick_jax.data import builders
     from skipclick_jax.runtime import enable_compilation_cache
@@ -134,9 +149,10 @@ def main(argv=None) -> dict:
     if args.all_clicks:
         cfg.eval.target_iou = 1.01
     config_lib.validate_eval_config(cfg.eval)
-    loaded = {name: _load_dataset(name, path, cfg, args.data_dir) for name, path in datasets.items()}
+    with distributed.main_first("load the datasets"):  # dataset builds run once, on process 0
+        loaded = {name: _load_dataset(name, path, cfg, args.data_dir) for name, path in datasets.items()}
     summary = evaluate(model, loaded, args.out, cfg.eval, data_dir=args.data_dir)
-    for name, s in summary.items():
+    for name, s in summary.items() if distributed.is_main() else ():
         nocs = ", ".join(f"NoC@{k}={v:.2f}" for k, v in s["noc"].items())
         print(f"{name}: {s['instances']} instances, {nocs}, {s['clicks_per_second']:.1f} clicks/s")
     return summary

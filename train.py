@@ -28,7 +28,7 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from skipclick_jax import checkpoint, config_lib
+from skipclick_jax import checkpoint, config_lib, distributed
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.pipeline import make_global_batch, train_dataset
 from skipclick_jax.data.points_sampler import MultiPointSampler
@@ -43,29 +43,33 @@ from skipclick_jax.train.summary import Writer, preview_image
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, previews, eval).")
 flags.DEFINE_string("init-from", None, "DINOv2 hub/timm backbone file or SkipClick checkpoint to start from.")
+flags.DEFINE_bool("log-batch-hashes", False, "Write per-row hashes of each process's input to <workdir>/batches/.")
 flags.mark_flags_as_required(["config", "workdir"])
+distributed.define_absl_flags()
 
 log = logging.getLogger("train")
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None,
+                       log_batch_hashes: bool = False):
     """Trains for cfg.train.num_steps (resuming from `workdir`), then evaluates; returns the
     final TrainState. Raises FloatingPointError on a non-finite loss (checkpoints stay good).
 
+    With several processes (skipclick_jax.distributed) every process runs this: each reads its
+    rows of the global batch, all write the checkpoints, process 0 alone writes logs and eval.
     The config is validated first; the workdir is locked, and a config that differs from the
     run's (`checkpointing.RESUMABLE_KEYS` aside) is refused, before anything is written."""
     with contextlib.ExitStack() as cleanup:
-        return _train_and_evaluate(cfg, workdir, init_from, cleanup)
+        return _train_and_evaluate(cfg, workdir, init_from, cleanup, log_batch_hashes)
 
 
-def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
+def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, log_batch_hashes=False):
     config_lib.validate_config(cfg)
     tc = cfg.train
-    if tc.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(distributed.Launch(auto=tc.distributed))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main()
 
     # ------------------------------------------------------------------ Mesh
     mesh = sharding.make_mesh(tc.mesh.data, tc.mesh.fsdp)
@@ -83,9 +87,11 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
     ckpt = cleanup.enter_context(checkpointing.Checkpointer(workdir, keep=tc.keep_checkpoints, config=cfg))
 
     # ------------------------------------------------------------------ Input
-    iterator = _train_iterator(cfg)
-    eval_datasets = _eval_datasets(cfg)
+    with distributed.main_first("datasets"):  # a TFDS build runs once, on process 0
+        iterator = _train_iterator(cfg)
+        eval_datasets = _eval_datasets(cfg)
     batch_sharding = sharding.batch_sharding(mesh)
+    sharding.process_rows(batch_sharding, tc.batch_size)  # what _train_iterator reads
 
     # ------------------------------------------------------------------ Model
     # Shapes only: the weights are initialised (or imported) below unless a checkpoint is restored.
@@ -105,10 +111,11 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
                                  backbone_train_mode=tc.get("backbone_train_mode", True)),
         mesh, state_sharding, frozen_sharding)
     n_preview = min(tc.num_image_summaries, tc.batch_size)
-    preview = jax.jit(step_lib.make_preview_fn(
+    preview = distributed.SyncedJit(jax.jit(step_lib.make_preview_fn(
         graphdef, num=n_preview, max_num_next_clicks=tc.max_num_next_clicks,
-        pred_thresh=tc.pred_thresh), out_shardings=jax.sharding.NamedSharding(mesh, jax.P()))
-    all_finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
+        pred_thresh=tc.pred_thresh), out_shardings=jax.sharding.NamedSharding(mesh, jax.P())), "preview")
+    all_finite = distributed.SyncedJit(jax.jit(
+        lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))), "all_finite")
 
     # ------------------------------------------------------------------ Restore
     restored = ckpt.restore_latest(sharding.with_shardings(state_shape, state_sharding),
@@ -133,7 +140,7 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
 
     writer = Writer(workdir)
     if start == 0 and tc.eval_untrained and eval_datasets:
-        _evaluate(cfg, eval_datasets, nnx.merge(graphdef, state.params, frozen),
+        _evaluate(cfg, eval_datasets, _local_model(graphdef, state.params, frozen),
                   workdir / "eval" / "untrained", writer, 0)
 
     # ------------------------------------------------------------------ Train loop
@@ -150,10 +157,13 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
     bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not is_main,
                dynamic_ncols=True)
     pending, last_log = None, (start, time.perf_counter())
+    batch_log = distributed.BatchLog(workdir if log_batch_hashes else None)
     try:
         for step in range(start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = make_global_batch(next(iterator), batch_sharding)
+                rows = next(iterator)
+                batch_log.record(step, rows)
+                batch = make_global_batch(rows, batch_sharding)
                 state, metrics = train_step(state, frozen, batch)
             if pending is not None:  # one step behind, so the host never waits for the device
                 check(*pending)
@@ -187,13 +197,14 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack):
             check(*pending)
     finally:
         bar.close()
+        batch_log.close()
         ckpt.wait()
         if metrics_file:
             metrics_file.close()
 
     # ------------------------------------------------------------------ Eval
     if eval_datasets:
-        _evaluate(cfg, eval_datasets, nnx.merge(graphdef, state.params, frozen),
+        _evaluate(cfg, eval_datasets, _local_model(graphdef, state.params, frozen),
                   workdir / "eval" / f"step_{int(state.step)}", writer, int(state.step))
         if is_main:
             _print_tables(workdir / "eval")
@@ -238,6 +249,13 @@ def _eval_datasets(cfg) -> dict:
     return out
 
 
+def _local_model(graphdef, params, frozen) -> nnx.Module:
+    """The model on this process's first device (the evaluation splits samples over processes and
+    lays the model out on each process's devices itself)."""
+    params, frozen = jax.device_put(distributed.fully_replicated((params, frozen)), jax.local_devices()[0])
+    return nnx.merge(graphdef, params, frozen)
+
+
 def _evaluate(cfg, datasets: dict, model: nnx.Module, out: pathlib.Path, writer: Writer, step: int):
     """NoC evaluation of `model` (evaluation.evaluate), written to `out` and to TensorBoard."""
     summary = evaluate(model, datasets, out, cfg.eval, data_dir=cfg.data.data_dir or None)
@@ -256,15 +274,23 @@ def _count(tree) -> int:
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = flags.FLAGS.config
+    distributed.initialize(distributed.launch_from_absl_flags(auto=cfg.train.distributed))
+    distributed.configure_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     enable_compilation_cache()
     try:
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS["init-from"].value)
+        train_and_evaluate(cfg, flags.FLAGS.workdir, flags.FLAGS["init-from"].value,
+                           flags.FLAGS["log-batch-hashes"].value)
     except (config_lib.ConfigError, checkpoint.CheckpointError, checkpointing.WorkdirError,
             checkpointing.CheckpointSaveError, FileNotFoundError, FloatingPointError) as e:
         log.error("%s: %s", type(e).__name__, e)
+        distributed.fail(e)
         sys.exit(f"train.py: error: {e}")
+    except BaseException as e:
+        distributed.fail(e)
+        raise
+    distributed.shutdown()
 
 
 def _parse_flags(argv):

@@ -153,7 +153,7 @@ def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> 
         if tuple(flat_s[key].shape) != tuple(t.shape):
             raise CheckpointError(f"{params_dir}: parameter {key} has shape {tuple(flat_s[key].shape)}"
                                   f" in the checkpoint but {tuple(t.shape)} in the model config")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), target)
     nnx.replace_by_pure_dict(state, checkpointer.restore(params_dir, target))
     return nnx.merge(graphdef, state)

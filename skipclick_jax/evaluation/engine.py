@@ -298,11 +298,12 @@ def _jitted(num_devices: int) -> dict[str, Callable]:
     if num_devices == 1:
         shard = lambda n, params=True: {}  # noqa: E731
     else:
-        mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        mesh = jax.make_mesh((num_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                             devices=jax.local_devices())
         data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
         shard = lambda n, params=True: dict(  # noqa: E731
             in_shardings=(replicated,) * params + (data,) * n, out_shardings=data)
-    return dict(
+    fns = dict(
         run_batch=jax.jit(run_batch, static_argnums=(0, 1, 2), **shard(1)),
         step=jax.jit(step, static_argnums=(0, 1), donate_argnums=3, **shard(1)),
         step_rows=jax.jit(step_rows, static_argnums=(0, 1), donate_argnums=3, **shard(2)),
@@ -310,6 +311,15 @@ def _jitted(num_devices: int) -> dict[str, Callable]:
         admit_shared=jax.jit(admit_shared, static_argnums=0, donate_argnums=1, **shard(4, params=False)),
         empty_pool=jax.jit(_empty_pool, static_argnums=(0, 1), **shard(1)),
     )
+    if num_devices > 1 and jax.process_count() > 1:
+        fns = {name: functools.partial(_host_inputs_on_device, fn) for name, fn in fns.items()}
+    return fns
+
+
+def _host_inputs_on_device(jitted, *args):
+    """jitted(*args) with numpy inputs moved to a local device first: with several processes, jit
+    takes no numpy input for a sharded parameter (each process runs its own samples here)."""
+    return jitted(*jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x, args))
 
 
 def _empty_pool(protocol: Protocol, encode, params, batch: dict[str, jax.Array]) -> dict[str, Any]:
@@ -321,7 +331,7 @@ def _empty_pool(protocol: Protocol, encode, params, batch: dict[str, jax.Array])
 
 def make_runner(predictor: Predictor, protocol: Protocol) -> Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]:
     """batch -> outputs of `run_batch`, jitted over all devices (compiled once per bucket shape)."""
-    jitted = _jitted(jax.device_count())["run_batch"]
+    jitted = _jitted(jax.local_device_count())["run_batch"]
     return lambda batch: jitted(protocol, predictor.encode, predictor.decode, predictor.params, batch)
 
 
@@ -384,7 +394,7 @@ _MAX_IDLE_POOLS = 2
 def _padded(n: int, size: int) -> int:
     """A batch for n of a pool's `size` slots: d·2^k >= n (d = device count) or `size`, so that
     few batch sizes get compiled."""
-    d = jax.device_count()
+    d = jax.local_device_count()
     return min(size, d * 2 ** max(0, math.ceil(math.log2(n / d))))
 
 
@@ -407,7 +417,7 @@ class _Pool:
 
     def __init__(self, predictor: Predictor, protocol: Protocol, shape: tuple[int, int], size: int):
         self.predictor, self.protocol, self.shape = predictor, protocol, shape
-        self.fns = _jitted(jax.device_count())
+        self.fns = _jitted(jax.local_device_count())
         self.items: list[_Item | None] = [None] * size
         self.encoded: list[tuple[str | None, np.ndarray] | None] = [None] * size
         self.state = self.fns["empty_pool"](protocol, predictor.encode, predictor.params,
@@ -496,7 +506,7 @@ def default_batch_size() -> int:
     On CPU a larger batch only adds cache misses (full SkipClick at 448: decode 905 ms per image at
     batch 1, 1094 ms at batch 8), while accelerators need the batch to fill their cores.
     """
-    return jax.device_count() * (1 if jax.default_backend() == "cpu" else 8)
+    return jax.local_device_count() * (1 if jax.default_backend() == "cpu" else 8)
 
 
 def run_samples(
@@ -532,7 +542,7 @@ def run_samples(
         batch_size = default_batch_size()
     if batch_size < 1:
         raise ValueError(f"run_samples: batch_size must be >= 1 or None, got {batch_size}")
-    batch_size = -(-batch_size // jax.device_count()) * jax.device_count()
+    batch_size = -(-batch_size // jax.local_device_count()) * jax.local_device_count()
     results: dict[int, dict] = {}
     queues: dict[tuple[int, int], list[_Item]] = {}
     pools: dict[tuple[int, int], _Pool] = {}

@@ -8,6 +8,10 @@ Writes into `out`:
   <NAME>/overlays/*.png the first `cfg.overlays` instances with their final mask and clicks
   results.md            a Markdown table in the paper's style
   miou_curve.png        mIoU vs number of clicks, one curve per dataset
+
+With several processes (skipclick_jax.distributed) each process runs a contiguous share of every
+dataset on its own devices; the results are gathered in dataset order and process 0 alone writes
+the files. Every process returns the same summary.
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
-from skipclick_jax import metrics
-from skipclick_jax.evaluation.engine import Predictor, Protocol, run_samples, skipclick_predictor
+from skipclick_jax import distributed, metrics
+from skipclick_jax.evaluation.engine import (
+    Predictor,
+    Protocol,
+    run_samples,
+    skipclick_predictor,
+)
 
 THRESHOLD_KEYS = ("80", "85", "90", "95")
 
@@ -50,41 +60,50 @@ def evaluate(
     predictor = (model_or_predictor if isinstance(model_or_predictor, Predictor)
                  else skipclick_predictor(model_or_predictor))
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    write = distributed.is_main()
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict] = {}
     for name, samples in datasets.items():
         if isinstance(samples, (str, os.PathLike)):
             from skipclick_jax.data.eval_datasets import load_eval_dataset
 
-            samples = load_eval_dataset(name, samples, data_dir)
+            with distributed.main_first(f"load {name}"):  # a TFDS build runs once, on process 0
+                samples = load_eval_dataset(name, samples, data_dir)
         protocol = Protocol.from_config(cfg, name)
-        summary[name] = _evaluate_dataset(predictor, name, samples, protocol, cfg, out / name, progress)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(results_markdown(summary))
-    if summary:
-        plot_miou(summary, out / "miou_curve.png")
+        summary[name] = _evaluate_dataset(predictor, name, samples, protocol, cfg, out / name,
+                                          progress and write, write)
+    if write:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "results.md").write_text(results_markdown(summary))
+        if summary:
+            plot_miou(summary, out / "miou_curve.png")
     return summary
 
 
-def _evaluate_dataset(predictor, name, samples, protocol, cfg, folder, progress) -> dict:
+def _evaluate_dataset(predictor, name, samples, protocol, cfg, folder, progress, write) -> dict:
     from tqdm import tqdm
 
     n_overlays = int(cfg.overlays)
-    bar = tqdm(total=_length(samples), desc=f"{name} (S={protocol.size})", unit="inst", disable=not progress)
+    share, first, total = _share(samples)
+    bar = tqdm(total=total, desc=f"{name} (S={protocol.size})", unit="inst", disable=not progress)
     start = time.perf_counter()
-    results = run_samples(predictor, samples, protocol, batch_size=int(cfg.batch_size) or None,
-                          bucket=int(cfg.bucket), keep_masks=n_overlays, on_done=bar.update)
+    results = run_samples(predictor, share, protocol, batch_size=int(cfg.batch_size) or None,
+                          bucket=int(cfg.bucket), keep_masks=max(0, n_overlays - first), on_done=bar.update)
+    if share is not samples:
+        results = [r for part in distributed.allgather_objects(results) for r in part]
     seconds = time.perf_counter() - start
     bar.close()
     all_ious = [metrics.ious_from_counts(r["inter"], r["union"]) for r in results]
     clicks = sum(len(r["clicks"]) for r in results)
     noc, nof = metrics.noc(all_ious, metrics.NOC_THRESHOLDS, protocol.max_clicks)
-    folder.mkdir(parents=True, exist_ok=True)
     records = [dict(id=r["id"], height=int(r["height"]), width=int(r["width"]), clicks=r["clicks"],
                     ious=[float(x) for x in ious]) for r, ious in zip(results, all_ious)]
-    (folder / "clicks.json").write_text(json.dumps(records))
-    if n_overlays:
-        _write_overlays(samples, results[:n_overlays], folder / "overlays")
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "clicks.json").write_text(json.dumps(records))
+        if n_overlays:
+            _write_overlays(samples, results[:n_overlays], folder / "overlays")
     return dict(
         noc=dict(zip(THRESHOLD_KEYS, map(float, noc))),
         nof=dict(zip(THRESHOLD_KEYS, map(int, nof))),
@@ -97,6 +116,17 @@ def _evaluate_dataset(predictor, name, samples, protocol, cfg, folder, progress)
         flip=protocol.flip,
         target_iou=protocol.target_iou,
     )
+
+
+def _share(samples) -> tuple[Any, int, int | None]:
+    """(this process's samples, global index of its first, progress total): all of them for one
+    process; with several, its contiguous share (`distributed.shard_range`) with global ids."""
+    if jax.process_count() == 1:
+        return samples, 0, _length(samples)
+    if _length(samples) is None:
+        samples = list(samples)
+    share = distributed.shard_range(len(samples))
+    return ({**samples[i], "id": samples[i].get("id", str(i))} for i in share), share.start, len(share)
 
 
 def _length(samples) -> int | None:

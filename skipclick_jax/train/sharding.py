@@ -6,7 +6,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from skipclick_jax import distributed
 
 AXES = ("data", "fsdp")
 BATCH_SPEC = P(AXES)  # the leading (batch) dimension is split over both axes
@@ -56,6 +59,21 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, BATCH_SPEC)
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> range:
+    """The rows of a global batch that this process's devices hold under `sharding`: its
+    contiguous share [p·B/P, (p+1)·B/P), which is what the input pipeline reads (each process
+    reads only its own rows). Raises if the mesh gives a process other rows."""
+    p, count = jax.process_index(), jax.process_count()
+    rows = range(p * batch_size // count, (p + 1) * batch_size // count)
+    held = {i for index in sharding.addressable_devices_indices_map((batch_size,)).values()
+            for i in range(batch_size)[index[0]]}
+    if held != set(rows):
+        raise ValueError(f"process {p}: the mesh puts batch rows {sorted(held)} on its devices, "
+                         f"not its contiguous share {rows.start}..{rows.stop - 1}; order the mesh's "
+                         f"devices by process")
+    return rows
+
+
 def with_shardings(tree: Any, shardings: Any) -> Any:
     """Abstract arrays (jax.ShapeDtypeStruct) of `tree` placed on `shardings` (restore targets)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
@@ -63,10 +81,11 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
 
 def jit_step(step_fn, mesh: jax.sharding.Mesh, state_sharding: Any, frozen_sharding: Any):
     """jax.jit of step_fn(state, frozen, batch) -> (state, metrics) with explicit shardings: the
-    batch split over ('data', 'fsdp'), metrics replicated, the state donated."""
-    return jax.jit(
+    batch split over ('data', 'fsdp'), metrics replicated, the state donated (compiled, then the
+    processes synchronised, before its first run: distributed.SyncedJit)."""
+    return distributed.SyncedJit(jax.jit(
         step_fn,
         in_shardings=(state_sharding, frozen_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, NamedSharding(mesh, P())),
         donate_argnums=0,
-    )
+    ), "train_step")
