@@ -92,6 +92,17 @@ class _ClickSession:
         self._require_image()
         self._history = self._history[:1]
 
+    def session_state(self) -> dict:
+        """The current image's encoding and click history; `restore_session` switches back to it
+        without encoding again (one predictor can serve several images, e.g. in the app)."""
+        self._require_image()
+        return dict(encoding=self._encoding, history=list(self._history), height=self.height,
+                    width=self.width)
+
+    def restore_session(self, state: dict) -> None:
+        self._encoding, self._history = state["encoding"], list(state["history"])
+        self.height, self.width = state["height"], state["width"]
+
     def _float_image(self, image: np.ndarray) -> np.ndarray:
         """image [H, W, 3] uint8 or float -> float32 in 0..1; sets height and width."""
         image = np.asarray(image)
