@@ -3,12 +3,14 @@ whose clicks mean something (the app's browser test, ONNX mask agreement).
 
 A direct loop over the project's jitted train step (click simulation, NFL loss, Adam) at crop
 112 (the main job's `configs/tiny_synthetic.py` model), one object and one positive click (its
-deepest pixel) per sample. Trained once per test process.
+deepest pixel) per sample. The checkpoint is kept under pytest's cache, keyed by a hash of the
+code it depends on, so it is trained once per checkout and code state.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import pathlib
 
 import numpy as np
@@ -36,9 +38,30 @@ def _batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return dict(image=np.stack(images), gt=np.stack(gts), points=np.stack(points))
 
 
+ROOT = pathlib.Path(__file__).parents[1]
+SOURCES = ("tests/tiny_trained.py", "skipclick_jax/model", "skipclick_jax/train", "skipclick_jax/clicks.py",
+           "skipclick_jax/data/synthetic.py", "skipclick_jax/edt.py", "skipclick_jax/resize.py")
+
+
+def _code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        path = ROOT / name
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(f.relative_to(ROOT).as_posix().encode() + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=None)
-def trained_checkpoint(folder: str) -> pathlib.Path:
-    """Trains the model and saves it as a project checkpoint `<folder>/tiny_trained`."""
+def trained_checkpoint(cache_root: str) -> pathlib.Path:
+    """A project checkpoint of the trained model under `cache_root` (trained if not there)."""
+    path = pathlib.Path(cache_root) / f"tiny_trained-{_code_hash()}"
+    if not (path / "config.json").is_file():
+        _train(path)
+    return path
+
+
+def _train(path: pathlib.Path) -> None:
     import jax
     import optax
     from flax import nnx
@@ -63,4 +86,4 @@ def trained_checkpoint(folder: str) -> pathlib.Path:
     if not np.isfinite(float(metrics["loss"])):
         raise FloatingPointError(f"tiny training diverged: {metrics}")
     trained = nnx.merge(graphdef, state.params, frozen)
-    return checkpoint.save(pathlib.Path(folder) / "tiny_trained", trained, cfg)
+    checkpoint.save(path, trained, cfg, overwrite=True)
