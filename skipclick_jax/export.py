@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -84,6 +85,8 @@ def _onnx_shape(shape):
 
 
 def _export_onnx(fn, inputs, outputs, path: pathlib.Path, name: str) -> None:
+    for logger in ("jax2onnx", "onnx_ir"):  # plugins of absent optional packages, value-type notes
+        logging.getLogger(logger).setLevel(logging.ERROR)
     try:
         from jax2onnx import to_onnx
     except ImportError as e:
@@ -125,6 +128,7 @@ def export(model: SkipClick, model_cfg, out: str | os.PathLike, *, size: int | N
     ext = {"onnx": ".onnx", "stablehlo": ".stablehlo"}[fmt]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)
     try:
         seconds = {}
         for name, fn, inputs, outputs in (("encoder", encoder, enc_in, enc_out),
