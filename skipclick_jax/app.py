@@ -37,7 +37,6 @@ from PIL import Image
 PACKAGE = pathlib.Path(__file__).parent
 STATIC = PACKAGE / "static"
 EXAMPLE = PACKAGE / "assets" / "demo.png"
-MAIN_JOB = pathlib.Path("runs") / "tiny_synthetic"
 MAX_OBJECTS = 255
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)],
@@ -50,32 +49,6 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def main_job_checkpoint() -> pathlib.Path | None:
-    """runs/tiny_synthetic of the README's main command (current directory, then the repo root)."""
-    for root in (pathlib.Path.cwd(), PACKAGE.parent):
-        path = root / MAIN_JOB
-        if (path / "checkpoints").is_dir():
-            return path
-    return None
-
-
-def load_model(checkpoint: str | None, config: str | None = None):
-    """-> (model, description). Without `checkpoint`: the main job's, else random test_tiny."""
-    from skipclick_jax import config_lib
-    from skipclick_jax.checkpoint import load
-    from skipclick_jax.model import build_model
-
-    checkpoint = checkpoint or main_job_checkpoint()
-    if checkpoint:
-        cfg = config_lib.load_config_file(config) if config else None
-        model, _ = load(checkpoint, cfg)
-        return model, f"checkpoint {checkpoint}"
-    path = config or PACKAGE.parent / "configs" / "test_tiny.py"
-    model = build_model(config_lib.load_config_file(path).model)
-    return model, (f"RANDOM WEIGHTS ({pathlib.Path(path).name}; no --checkpoint and no "
-                   f"{MAIN_JOB}): the masks are meaningless, train the main job first")
 
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
@@ -315,6 +288,7 @@ def main(argv=None) -> None:
 
         predictor, description = OnnxPredictor(args.onnx), f"ONNX export {args.onnx}"
     else:
+        from skipclick_jax.demo import load_model
         from skipclick_jax.predictor import Predictor
         from skipclick_jax.runtime import enable_compilation_cache
 

@@ -244,3 +244,21 @@ def test_full_skipclick_export(tmp_path):
     logits = sess["decoder"].run(None, {**feeds, "prev_prob": prev, "points": pts[None], "point_denom": denom[None]})[0]
     want = model.decode_clicks(want_enc, prev, pts[None], denom[None])
     np.testing.assert_allclose(logits, np.asarray(want), atol=1e-4, rtol=0)
+
+
+def test_default_model_is_the_main_jobs_checkpoint_else_random(trained, tmp_path, monkeypatch):
+    from skipclick_jax import demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "ASSET", tmp_path / "skipclick_jax" / "assets" / "demo.png")
+    _, description = demo.load_model(None)
+    assert description.startswith("RANDOM WEIGHTS") and "meaningless" in description
+    run = tmp_path / "runs" / "tiny_synthetic" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text((trained[0] / "config.json").read_text())
+    import shutil
+
+    shutil.copytree(trained[0] / "params", run / "300" / "params")
+    model, description = demo.load_model(None)
+    assert description == f"checkpoint {tmp_path / 'runs' / 'tiny_synthetic'}"
+    assert model.backbone_mix.pos_grid * model.patch == 112
