@@ -44,7 +44,7 @@ def load_model(checkpoint: str | None, config: str | None = None):
     checkpoint = checkpoint or main_job_checkpoint()
     if checkpoint:
         cfg = config_lib.load_config_file(config) if config else None
-        model, _ = load(checkpoint, cfg)
+        model, _ = load(pathlib.Path(checkpoint).absolute(), cfg)  # orbax needs absolute paths
         return model, f"checkpoint {checkpoint}"
     path = config or DEFAULT_CONFIG
     model = build_model(config_lib.load_config_file(path).model)

@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     if out.exists() and not args.overwrite:
         parser.error(f"--out {out} exists; pass --overwrite to replace it")
     config = config_lib.load_config_file(args.config) if args.config else None
-    model, config = load(args.checkpoint, config)
+    model, config = load(pathlib.Path(args.checkpoint).absolute(), config)  # orbax: absolute paths
     try:
         meta = export(model, model_section(config), out, size=args.size, fmt=args.format,
                       overwrite=args.overwrite, source=str(args.checkpoint))
