@@ -85,7 +85,6 @@ def png_bytes(array: np.ndarray) -> bytes:
 class Session:
     state: dict  # the predictor's session_state()
     objects: list[np.ndarray]  # finished masks, bool [H, W]
-    used: float = 0.0
 
 
 class Annotator:
@@ -116,7 +115,7 @@ class Annotator:
             self.predictor.set_image(image)
             ms = 1e3 * (time.perf_counter() - t0)
             sid = secrets.token_urlsafe(12)
-            self.sessions[sid] = Session(self.predictor.session_state(), [], time.time())
+            self.sessions[sid] = Session(self.predictor.session_state(), [])
             while len(self.sessions) > self.max_sessions:
                 self.sessions.popitem(last=False)
         return sid, ms
@@ -128,7 +127,6 @@ class Annotator:
             if session is None:
                 raise BadRequest("unknown or expired session: open the image again", 404)
             self.sessions.move_to_end(sid)
-            session.used = time.time()
             p = self.predictor
             p.restore_session(session.state)
             t0 = time.perf_counter()

@@ -98,6 +98,11 @@ def _upload(server, data: bytes):
 
 
 def test_binds_localhost_and_serves(server):
+    port = int(server.rsplit(":", 1)[1])
+    hostname = subprocess.run(["hostname", "-I"], capture_output=True, text=True)
+    for ip in [a for a in hostname.stdout.split() if not a.startswith("127.") and ":" not in a]:
+        with pytest.raises(OSError):  # not reachable from other machines
+            socket.create_connection((ip, port), timeout=2).close()
     status, body, kind = _request(server + "/")
     assert status == 200 and b"<canvas" in body and "html" in kind
     assert b"http" not in body, "the page must not load anything remote"
