@@ -30,7 +30,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from skipclick_jax import config_lib
@@ -80,10 +79,6 @@ def _specs(model: SkipClick, size: int, encoder, names):
     return enc_in, enc_io, dec_in, dec_out
 
 
-def _onnx_shape(shape):
-    return tuple(shape)
-
-
 def _export_onnx(fn, inputs, outputs, path: pathlib.Path, name: str) -> None:
     for logger in ("jax2onnx", "onnx_ir"):  # plugins of absent optional packages, value-type notes
         logging.getLogger(logger).setLevel(logging.ERROR)
@@ -94,10 +89,10 @@ def _export_onnx(fn, inputs, outputs, path: pathlib.Path, name: str) -> None:
                           "pip install onnx==1.23.2 onnx-ir==1.1.0 onnxruntime==1.31.1 && "
                           "pip install --no-deps jax2onnx==0.17.1") from e
     try:
-        to_onnx(fn, [_onnx_shape(i["shape"]) for i in inputs], model_name=f"skipclick_{name}",
+        to_onnx(fn, [tuple(i["shape"]) for i in inputs], model_name=f"skipclick_{name}",
                 return_mode="file", output_path=str(path),
                 input_names=[i["name"] for i in inputs], output_names=[o["name"] for o in outputs])
-    except Exception as e:  # noqa: BLE001 -- re-raised with the graph named
+    except Exception as e:  # any converter failure, re-raised naming the graph
         raise ExportError(f"the {name} graph failed to convert to ONNX: {type(e).__name__}: {e}") from e
 
 
@@ -107,7 +102,7 @@ def _export_stablehlo(fn, inputs, path: pathlib.Path, name: str) -> None:
     specs = [jax.ShapeDtypeStruct(tuple(dims.get(d, d) for d in i["shape"]), jnp.float32) for i in inputs]
     try:
         exported = jax.export.export(jax.jit(fn))(*specs)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the graph named
+    except Exception as e:  # any tracing/lowering failure, re-raised naming the graph
         raise ExportError(f"the {name} graph failed to export to StableHLO: {type(e).__name__}: {e}") from e
     path.write_bytes(exported.serialize())
 

@@ -15,8 +15,12 @@ Cost is O(output · T), so resizing multi-megapixel evaluation images is cheap.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
 
 _F32 = np.float32
 

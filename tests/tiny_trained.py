@@ -52,7 +52,7 @@ def _code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_checkpoint(cache_root: str) -> pathlib.Path:
     """A project checkpoint of the trained model under `cache_root` (trained if not there)."""
     path = pathlib.Path(cache_root) / f"tiny_trained-{_code_hash()}"
@@ -69,7 +69,8 @@ def _train(path: pathlib.Path) -> None:
     from skipclick_jax import checkpoint, config_lib
     from skipclick_jax.data.synthetic import SyntheticConfig
     from skipclick_jax.model import build_model
-    from skipclick_jax.train import state as state_lib, step as step_lib
+    from skipclick_jax.train import state as state_lib
+    from skipclick_jax.train import step as step_lib
 
     cfg = config_lib.base_config(config_lib.tiny_model_config())
     cfg.model.crop_size = CROP
