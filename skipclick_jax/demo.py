@@ -2,8 +2,9 @@
 
     python -m skipclick_jax.demo [--checkpoint CKPT] [--config configs/test_tiny.py] [--out DIR]
 
-Without a checkpoint the model is randomly initialised (the masks are then meaningless, the
-timings are not). Prints the encode latency and the per-click latency of every click.
+Without --checkpoint it uses the main job's checkpoint (runs/tiny_synthetic of the README's
+main command) if it exists, else random weights, and says so (the masks are then meaningless,
+the timings are not). Prints the encode latency and the per-click latency of every click.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from skipclick_jax.runtime import enable_compilation_cache
 from skipclick_jax.visualize import overlay
 
 ASSET = pathlib.Path(__file__).parent / "assets" / "demo.png"
+DEFAULT_CONFIG = pathlib.Path(__file__).parents[1] / "configs" / "test_tiny.py"
+MAIN_JOB = pathlib.Path("runs") / "tiny_synthetic"  # the README's main command
 DEMO_CLICKS = [(170, 150, True), (120, 320, False), (200, 120, True), (300, 350, False), (150, 200, True)]
 DEMO_HW = (336, 448)  # the asset's size, for which DEMO_CLICKS are given
 
@@ -32,23 +35,43 @@ def demo_clicks(height: int, width: int) -> list[tuple[int, int, bool]]:
             for r, c, p in DEMO_CLICKS]
 
 
+def main_job_checkpoint() -> pathlib.Path | None:
+    """runs/tiny_synthetic of the README's main command (current directory, then the repo root)."""
+    for root in (pathlib.Path.cwd(), ASSET.parents[2]):
+        steps = root / MAIN_JOB / "checkpoints"
+        if (steps / "config.json").is_file() and any(p.name.isdigit() for p in steps.iterdir()):
+            return root / MAIN_JOB
+    return None
+
+
+def load_model(checkpoint: str | None, config: str | None = None):
+    """-> (model, description). Without `checkpoint`: the main job's, else random test_tiny."""
+    from skipclick_jax.checkpoint import load
+
+    checkpoint = checkpoint or main_job_checkpoint()
+    if checkpoint:
+        cfg = config_lib.load_config_file(config) if config else None
+        model, _ = load(pathlib.Path(checkpoint).absolute(), cfg)  # orbax needs absolute paths
+        return model, f"checkpoint {checkpoint}"
+    path = config or DEFAULT_CONFIG
+    model = build_model(config_lib.load_config_file(path).model)
+    return model, (f"RANDOM WEIGHTS ({pathlib.Path(path).name}; no --checkpoint and no "
+                   f"{MAIN_JOB}): the masks are meaningless, train the main job first")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="anything skipclick_jax.checkpoint.load accepts")
-    parser.add_argument("--config", default=str(pathlib.Path(__file__).parents[1] / "configs" / "test_tiny.py"))
+    parser.add_argument("--checkpoint", help="anything skipclick_jax.checkpoint.load accepts "
+                        f"(default: {MAIN_JOB} if it exists, else random weights)")
+    parser.add_argument("--config", help=f"config of a checkpoint without one, or of the random model "
+                        f"(default {DEFAULT_CONFIG.name})")
     parser.add_argument("--image", default=str(ASSET))
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args(argv)
     enable_compilation_cache()
 
-    if args.checkpoint:
-        from skipclick_jax.checkpoint import load
-
-        model, _ = load(args.checkpoint)
-    else:
-        model_cfg = config_lib.load_config_file(args.config).model
-        config_lib.validate_model_config(model_cfg)
-        model = build_model(model_cfg)
+    model, description = load_model(args.checkpoint, args.config)
+    print(f"model: {description}")
     try:
         with Image.open(args.image) as im:
             image = np.asarray(im.convert("RGB"))

@@ -15,10 +15,12 @@ Cost is O(output · T), so resizing multi-megapixel evaluation images is cheap.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    import jax
 
 _F32 = np.float32
 
@@ -108,7 +110,9 @@ def cubic_aa_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, wts
 
 
-def _separable(x: jax.Array, taps_h, taps_w, h_axis: int) -> jax.Array:
+def _separable(x: jax.Array, taps_h, taps_w, h_axis: int, xp=None) -> jax.Array:
+    if xp is None:
+        import jax.numpy as xp
     w_axis = h_axis + 1
     trailing = (1,) * (-w_axis - 1)  # broadcast weights over trailing (channel) axes
 
@@ -116,7 +120,7 @@ def _separable(x: jax.Array, taps_h, taps_w, h_axis: int) -> jax.Array:
         idx, wts = taps
         out = None
         for t in range(idx.shape[1]):
-            term = jnp.take(y, jnp.asarray(idx[:, t]), axis=axis) * jnp.asarray(wts[:, t]).reshape(shape)
+            term = xp.take(y, xp.asarray(idx[:, t]), axis=axis) * xp.asarray(wts[:, t]).reshape(shape)
             out = term if out is None else out + term
         return out
 
@@ -126,23 +130,29 @@ def _separable(x: jax.Array, taps_h, taps_w, h_axis: int) -> jax.Array:
     idx_h, wts_h = taps_h
     out = None
     for t in range(idx_h.shape[1]):
-        rows = width(jnp.take(x, jnp.asarray(idx_h[:, t]), axis=h_axis))
-        term = rows * jnp.asarray(wts_h[:, t]).reshape((-1, 1, *trailing))
+        rows = width(xp.take(x, xp.asarray(idx_h[:, t]), axis=h_axis))
+        term = rows * xp.asarray(wts_h[:, t]).reshape((-1, 1, *trailing))
         out = term if out is None else out + term
     return out
 
 
-def _resize(x, size, taps_fn, channels_last):
+def _resize(x, size, taps_fn, channels_last, xp=None):
     h_axis = -3 if channels_last else -2
     n_h, n_w = x.shape[h_axis], x.shape[h_axis + 1]
     if (n_h, n_w) == tuple(size):
         return x
-    return _separable(x, taps_fn(n_h, size[0]), taps_fn(n_w, size[1]), h_axis)
+    return _separable(x, taps_fn(n_h, size[0]), taps_fn(n_w, size[1]), h_axis, xp)
 
 
 def bilinear_ac(x: jax.Array, size: tuple[int, int], channels_last: bool = True) -> jax.Array:
     """torch bilinear, align_corners=True, of [..., H, W, C] (or [..., H, W]) to `size`."""
     return _resize(x, size, functools.partial(linear_taps, align_corners=True), channels_last)
+
+
+def bilinear_ac_numpy(x: np.ndarray, size: tuple[int, int], channels_last: bool = True) -> np.ndarray:
+    """`bilinear_ac` in NumPy float32 (same taps, same order; no JAX import): host-side resizes."""
+    x = np.asarray(x, np.float32)
+    return _resize(x, size, functools.partial(linear_taps, align_corners=True), channels_last, np)
 
 
 def bilinear(x: jax.Array, size: tuple[int, int], channels_last: bool = True) -> jax.Array:
