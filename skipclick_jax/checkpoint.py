@@ -162,9 +162,9 @@ def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> 
 def load_with_info(source: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
                    fmt: str = "auto", seed: int = 0) -> tuple[SkipClick, ml_collections.ConfigDict, dict]:
     """Like `load`, plus an info dict (source, format, dtypes, tensors)."""
-
     path = pathlib.Path(source)
     if path.is_dir():
+        path = path.absolute()  # orbax's metadata reads need absolute paths
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         if (root / PARAMS).is_dir():
             params_dir, kind = root / PARAMS, "project"
