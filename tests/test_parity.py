@@ -141,7 +141,7 @@ def test_tiny_variants(changes):
     cfg.head.upsample = changes["upsample"]
     cfg.stack.depth = changes.get("stack_depth", cfg.stack.depth)
     ref = build_reference(cfg, seed=1)
-    assert_parity(ref, verify.model_from_reference(ref, cfg), (224, 224))
+    assert_parity(ref, verify.model_from_reference(ref, cfg), (224, 224), "dinov2_tiny_x2_x4")
 
 
 @pytest.fixture(scope="module")
