@@ -19,6 +19,8 @@ from skipclick_jax import metrics  # noqa: E402
 from skipclick_jax.config_lib import tiny_model_config  # noqa: E402
 from skipclick_jax.evaluation.engine import Protocol, run_samples, skipclick_predictor  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 SIZES = [(45, 61), (70, 52), (33, 47), (58, 58)]
 
 

@@ -56,6 +56,8 @@ from tests.norm_sensitive import (  # noqa: E402
     MEAN_OVER_STD, VAR_OVER_EPS, make_norm_sensitive_, norm_input_stats,
 )
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # the tolerances are measured on CPU
+
 STAGES = {"taps_0", "taps_3", "fused", "click_embed", "encoder_out", "pyramid_0", "pyramid_3",
           "head_logits", "logits"}
 SPLIT_STAGES = {"fused", "click_embed", "encoder_out", "pyramid_0", "pyramid_1", "pyramid_2",
