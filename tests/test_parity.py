@@ -20,11 +20,14 @@ in-process source patches) and the first failing stage, error / abs tolerance:
   tanh GELU in the ViT/stack MLPs       taps 24x                    taps 1.1x
   tanh GELU in neck and head            pyramid 120x                head_logits 1.1x
   fuse: taps concatenated reversed      fused 230466x (split too)   fused 77x (split too)
+  click maps [disks, prev] not [prev, disks]  click_embed 923989x (split too)  click_embed 1.2e6x
+  neck concat [tap, X] not [X, tap]     pyramid 463321x (split too)
+  head concat of the 4 maps reversed    head_logits 372395x         head_logits 1304x
 
 So the eps bugs need the norm-sensitive case (or fail at ~1-2x in the plain one) and the GELU
-and concat bugs the plain one; together they catch each. The bugs still to confirm (click-map,
-neck and head concat orders, each resize's align_corners/antialias, one-pass variance, missing
-affine; eval-side flips in tests/test_eval_parity.py) are run the same way
+and concat bugs the plain one; together they catch each. The bugs still to confirm (each resize's
+align_corners/antialias, one-pass variance, missing affine, LayerScale, disk boundary; the
+eval-side flips and resizes against tests/test_eval_parity.py) are run the same way
 (`python tests/inject_bugs.py model BUG`).
 """
 
