@@ -23,12 +23,23 @@ in-process source patches) and the first failing stage, error / abs tolerance:
   click maps [disks, prev] not [prev, disks]  click_embed 923989x (split too)  click_embed 1.2e6x
   neck concat [tap, X] not [X, tap]     pyramid 463321x (split too)
   head concat of the 4 maps reversed    head_logits 372395x         head_logits 1304x
+  head resize align_corners=True        head_logits 133791x         head_logits 486x
+  final resize align_corners=False      logits 123678x (split too)
+  stack pos-embed bicubic a.c.=True     encoder_out 61975x
+  stack pos-embed antialiased           encoder_out 56897x
+  DINOv2 pos-embed not antialiased      taps 98601x
+  one-pass variance: DINOv2 LN          pass                        taps 20x
+  one-pass variance: stack LN           pass                        encoder_out 62x
+  one-pass variance: neck / head GN     pass                        pyramid 8x / head_logits 8x
+  missing affine: DINOv2 / stack LN, neck GN   taps 26276x / encoder_out 67283x / pyramid 120504x
+  no LayerScale                         taps 292748x
+  not caught (float32-level bugs): disk boundary < r² (no click on a boundary here), uint8
+  x·(1/255) instead of x/255 (1 ulp)
 
 So the eps bugs need the norm-sensitive case (or fail at ~1-2x in the plain one) and the GELU
-and concat bugs the plain one; together they catch each. The bugs still to confirm (each resize's
-align_corners/antialias, one-pass variance, missing affine, LayerScale, disk boundary; the
-eval-side flips and resizes against tests/test_eval_parity.py) are run the same way
-(`python tests/inject_bugs.py model BUG`).
+and concat bugs the plain one; together they catch each. The eval-side bugs (flip of the logits,
+prev mask or image missing; flipped column off by one; eval resizes' align_corners) are in
+`python tests/inject_bugs.py eval` against tests/test_eval_parity.py's case, not yet confirmed.
 """
 
 from __future__ import annotations
