@@ -3,12 +3,12 @@
   python -m convert_weights.verify --checkpoint CKPT [--size H W ...] [--precision highest]
   python -m convert_weights.verify --config configs/test_tiny.py --random [--size 224 224]
 
-For each stage it prints max abs error, max rel error (max abs error / max |reference|), the
-tolerance and pass/fail, then how many pixels of the 0.49-thresholded mask disagree. Exit code 1
-on any failure. Tolerances are absolute, per stage, for float32 at matmul precision 'highest';
-'default' precision uses 10x (CPU default is float32 too; accelerators may use bf16 passes).
-DINOv2 and DINOv3 (SkipClick-DINOv3) checkpoints have the same stages and tolerances; the
-reference backbone is timm's DINOv2 `VisionTransformer` or DINOv3 `Eva` (torch_reference.py).
+For each stage it prints max abs error and max rel error (max abs error / max |reference|) next
+to their tolerances (`convert_weights.tolerances`, about 2x the measured errors) and pass/fail,
+then how many pixels of the 0.49-thresholded mask disagree (a pass needs every disagreeing pixel's
+reference logit within the logits tolerance of the threshold). Exit code 1 on any failure.
+DINOv2 and DINOv3 (SkipClick-DINOv3) checkpoints have the same stages; the reference backbone is
+timm's DINOv2 `VisionTransformer` or DINOv3 `Eva` (torch_reference.py).
 """
 
 from __future__ import annotations
@@ -20,19 +20,10 @@ import sys
 import jax
 import numpy as np
 
-# Max abs errors measured with random O(1) weights (activations up to ~10; tests/test_parity.py):
-# taps <= 1e-5 (ViT-B: <= 7.2e-6), encoder_out/pyramid <= 1.1e-5, head_logits/logits <= 2e-6.
-TOLERANCES = {
-    "taps": 1e-5, "fused": 2e-5, "click_embed": 1e-5, "encoder_out": 5e-5,
-    "pyramid": 5e-5, "head_logits": 5e-5, "logits": 1e-4,
-}
+from convert_weights.tolerances import table_for, tolerance
+
 MASK_THRESHOLD = 0.49
 STAGE_ORDER = ("taps", "fused", "click_embed", "encoder_out", "pyramid", "head_logits", "logits")
-
-
-def tolerance(stage: str, precision: str = "highest") -> float:
-    base = TOLERANCES[stage.rsplit("_", 1)[0] if stage[-1].isdigit() else stage]
-    return base if precision == "highest" else 10 * base
 
 
 def stage_rank(stage: str) -> tuple[int, str]:
@@ -81,30 +72,61 @@ def jax_stages(model, image, prev_mask, points, precision: str = "highest") -> d
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def compare(torch_out: dict, jax_out: dict, precision: str = "highest") -> list[dict]:
-    """Per-stage rows {stage, max_abs, max_rel, tol, ok}, in the JAX stage order, plus the mask row."""
+@functools.partial(jax.jit, static_argnums=0)
+def _split_stages(graphdef, state, image, prev_mask, points, point_denom):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    out = model._decode(model.encode_image(image), prev_mask, points, point_denom)
+    b, h, w, d = out["fused"].shape
+    pyramid = out.pop("pyramid")
+    out.update(fused=out["fused"].reshape(b, h * w, d), click_embed=out["click_embed"].reshape(b, h * w, d))
+    return {**out, **{f"pyramid_{i}": p for i, p in enumerate(pyramid)}}
+
+
+def jax_split_stages(model, image, prev_mask, points, point_denom=None,
+                     precision: str = "highest") -> dict[str, np.ndarray]:
+    """The engine's and the Predictor's path, `encode_image` then `decode_clicks` (clicks at
+    points / point_denom [B, 2]), as the stages of `jax_stages` it has: fused, click_embed,
+    encoder_out, pyramid_i, head_logits, logits (same layouts)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    with jax.default_matmul_precision(precision):
+        out = _split_stages(graphdef, state, image, prev_mask, points, point_denom)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def compare(torch_out: dict, jax_out: dict, table: str, precision: str = "highest") -> list[dict]:
+    """Per-stage rows {stage, max_abs, max_rel, tol_abs, tol_rel, ok} for every stage of `jax_out`
+    (in data-flow order; tolerances from `tolerances.TOLERANCES[table]`), plus the mask row."""
     rows = []
+    backend = jax.default_backend()
     for stage in sorted(jax_out, key=stage_rank):
         a, b = torch_out[stage], jax_out[stage]
         if a.shape != b.shape:
             raise ValueError(f"stage {stage}: torch shape {a.shape} != jax shape {b.shape}")
         err = float(np.max(np.abs(a.astype(np.float64) - b)))
         scale = float(np.max(np.abs(a))) or 1.0
-        tol = tolerance(stage, precision)
-        rows.append(dict(stage=stage, max_abs=err, max_rel=err / scale, tol=tol, ok=err <= tol))
-    sig = lambda z: 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
-    flips = int(np.sum((sig(torch_out["logits"]) > MASK_THRESHOLD)
-                       != (sig(jax_out["logits"]) > MASK_THRESHOLD)))
-    rows.append(dict(stage="mask_pixels_differ", max_abs=flips, max_rel=flips / jax_out["logits"].size,
-                     tol=0, ok=flips == 0))
+        tol_abs, tol_rel = tolerance(stage, table, precision, backend)
+        rows.append(dict(stage=stage, max_abs=err, max_rel=err / scale, tol_abs=tol_abs,
+                         tol_rel=tol_rel, ok=err <= tol_abs and err / scale <= tol_rel))
+    if "logits" in jax_out:
+        ref, got = torch_out["logits"].astype(np.float64), jax_out["logits"].astype(np.float64)
+        cut = np.log(MASK_THRESHOLD / (1 - MASK_THRESHOLD))  # sigmoid(z) > 0.49 <=> z > cut
+        differ = (ref > cut) != (got > cut)
+        near = np.abs(ref - cut) <= tolerance("logits", table, precision, backend)[0]
+        flips = int(differ.sum())
+        rows.append(dict(stage="mask_pixels_differ", max_abs=flips, max_rel=flips / ref.size,
+                         tol_abs=0, tol_rel=0, ok=not np.any(differ & ~near)))
     return rows
 
 
 def format_rows(rows: list[dict], title: str) -> str:
-    lines = [title, f"  {'stage':<20}{'max abs':>12}{'max rel':>12}{'tol':>10}  result"]
+    lines = [title, f"  {'stage':<20}{'max abs':>10}{'tol':>9}{'max rel':>10}{'tol':>9}  result"]
     for r in rows:
-        lines.append(f"  {r['stage']:<20}{r['max_abs']:>12.3g}{r['max_rel']:>12.3g}"
-                     f"{r['tol']:>10.0e}  {'pass' if r['ok'] else 'FAIL'}")
+        lines.append(f"  {r['stage']:<20}{r['max_abs']:>10.3g}{r['tol_abs']:>9.2g}"
+                     f"{r['max_rel']:>10.3g}{r['tol_rel']:>9.2g}  {'pass' if r['ok'] else 'FAIL'}")
     return "\n".join(lines)
 
 
@@ -168,7 +190,7 @@ def main(argv=None) -> int:
     for h, w in args.size or [(cfg.crop_size, cfg.crop_size)]:
         inputs = example_inputs(h, w, seed=args.seed)
         rows = compare(torch_stages(ref, *inputs), jax_stages(model, *inputs, args.precision),
-                       args.precision)
+                       table_for(cfg), args.precision)
         print(format_rows(rows, f"{h}x{w}, precision {args.precision}:"))
         ok &= all(r["ok"] for r in rows)
     print("PASS" if ok else "FAIL")

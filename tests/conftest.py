@@ -81,3 +81,13 @@ def tiny_model(tiny_config):
     from skipclick_jax.model import build_model
 
     return build_model(tiny_config, seed=0)
+
+
+@pytest.fixture
+def on_cpu():
+    """CPU as the default device for the test: bit-exact and measured-tolerance assertions are
+    CPU facts (other backends may fuse, use TF32 or reorder reductions)."""
+    import jax
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield

@@ -3,9 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from skipclick_jax.clicks import eval_next_click, train_next_points
+
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
 
 
 def padded_dt(mask):

@@ -27,7 +27,7 @@ from skipclick_jax import checkpoint  # noqa: E402
 from skipclick_jax.config_lib import model_config, tiny_model_config  # noqa: E402
 
 LOSS_MODULE = "isegm.model.modeling.transformer_helper.cross_entropy_loss"
-SPEC_KEYS = pathlib.Path("/work/shared/spec/skipclick_full_keys.txt")
+SPEC_KEYS = pathlib.Path(__file__).parent / "fixtures" / "skipclick_full_keys.txt"  # spec §2.2
 
 
 def tiny(**changes):
@@ -116,10 +116,9 @@ def test_full_layout_matches_original_checkpoint():
     assert sum(int(np.prod(s)) for s in mapping.torch_layout(single).values()) == 126_589_505
     inter = model_config(skip_connections=False)
     assert sum(int(np.prod(s)) for s in mapping.torch_layout(inter).values()) == 128_949_569
-    if SPEC_KEYS.is_file():
-        rows = [line.split("\t") for line in SPEC_KEYS.read_text().splitlines() if not line.startswith("#")]
-        assert [(r[0], tuple(json.loads(r[1].replace("(", "[").replace(",)", "]").replace(")", "]"))))
-                for r in rows] == list(layout.items())
+    rows = [line.split("\t") for line in SPEC_KEYS.read_text().splitlines() if not line.startswith("#")]
+    assert [(r[0], tuple(json.loads(r[1].replace("(", "[").replace(",)", "]").replace(")", "]"))))
+            for r in rows] == list(layout.items())
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -235,6 +234,41 @@ def test_round_trip_is_bit_exact(released, ref, tmp_path):
     restored, restored_cfg = checkpoint.load(saved)
     assert restored_cfg.to_dict() == cfg.to_dict()
     assert_same_state_dict(mapping.params_to_state_dict(_pure(restored), cfg), original)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", "dir"])
+def test_interrupted_conversion_leaves_no_partial_output(released, tmp_path, monkeypatch, suffix):
+    """A write interrupted half way (KeyboardInterrupt after some bytes) leaves neither the output
+    nor a temporary file, and an existing output stays as it was."""
+    import orbax.checkpoint as ocp
+    import safetensors.numpy
+
+    def half_then_interrupt(obj, path, *args, **kwargs):
+        pathlib.Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out" / ("ckpt" if suffix == "dir" else f"model{suffix}")
+    out.parent.mkdir()
+    model, cfg, _ = import_weights(released, tiny())
+    if suffix == ".pth":
+        monkeypatch.setattr(torch, "save", half_then_interrupt)
+    elif suffix == ".safetensors":
+        monkeypatch.setattr(safetensors.numpy, "save_file", lambda sd, path, **kw: half_then_interrupt(sd, path))
+    else:  # once orbax has written the parameters
+        finish = ocp.StandardCheckpointer.wait_until_finished
+        monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished",
+                            lambda self: (finish(self), interrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        main([str(released), "--out", str(out)])
+    assert list(out.parent.iterdir()) == []
+    if suffix != "dir":  # an existing file is replaced only by a complete one
+        out.write_bytes(b"old")
+        with pytest.raises(KeyboardInterrupt):
+            export_weights(model, cfg, out)
+        assert out.read_bytes() == b"old" and list(out.parent.iterdir()) == [out]
 
 
 def _pure(model):

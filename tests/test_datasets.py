@@ -1,6 +1,7 @@
 """Dataset builders and readers on tiny fixture folders in the real on-disk layouts."""
 
 import dataclasses
+import os
 import pathlib
 import pickle
 import shutil
@@ -288,5 +289,28 @@ def test_unknown_names_and_splits(data_dir):
         load_train_source("SBD", None, "train", data_dir)
 
 
-def test_tensorflow_is_never_imported():
-    assert "tensorflow" not in sys.modules
+def test_tensorflow_is_never_imported(tmp_path):
+    """In a fresh process (independent of what other tests imported): the builders, an eval
+    dataset read from its folder, and the grain train pipeline never import TensorFlow."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        from skipclick_jax.data import testing
+        from skipclick_jax.data.eval_datasets import load_eval_dataset
+        root = testing.write_grabcut({str(tmp_path / "GrabCut")!r})
+        samples = list(load_eval_dataset("GrabCut", root, {str(tmp_path / "tfds")!r}))
+        assert len(samples) == 2 and samples[0]["image"].shape[-1] == 3
+        import train  # the trainer and everything it imports (grain pipeline, tfds builders)
+        assert "tensorflow_datasets" in sys.modules
+        bad = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
+        print("TF_MODULES", bad)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TF_MODULES []" in proc.stdout, proc.stdout[-2000:]

@@ -8,6 +8,8 @@ from scipy import ndimage
 
 from skipclick_jax.edt import edt, edt_squared
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 _edt = jax.jit(edt)
 
 

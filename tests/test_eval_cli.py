@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import time
 
 import numpy as np
 import pytest
@@ -25,8 +26,10 @@ def flip_config():
 def test_evaluate_writes_the_report(tmp_path):
     rng = np.random.default_rng(0)
     samples = [make_sample(rng, h, w, i) for i, (h, w) in enumerate(SIZES)]
+    start = time.perf_counter()
     summary = evaluate(PREDICTOR, {"GrabCut": samples, "WSESeg_a": samples[:2], "WSESeg_b": samples[2:]},
                        tmp_path, flip_config(), progress=False)
+    wall = time.perf_counter() - start
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     expected = run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=48)
     records = json.loads((tmp_path / "GrabCut" / "clicks.json").read_text())
@@ -35,11 +38,19 @@ def test_evaluate_writes_the_report(tmp_path):
     assert [(r["height"], r["width"]) for r in records] == SIZES
     all_ious = [metrics.ious_from_counts(e["inter"], e["union"]) for e in expected]
     assert [r["ious"] for r in records] == [list(x) for x in all_ious]
-    noc, nof = metrics.noc(all_ious, max_clicks=FLIP.max_clicks)
+    # NoC/NoF/mIoU restated here (spec §5.4), not with the metrics functions the report uses
+    m = FLIP.max_clicks
+    noc = [[next((k + 1 for k, v in enumerate(ious) if v >= t), m) for ious in all_ious]
+           for t in metrics.NOC_THRESHOLDS]
     s = summary["GrabCut"]
-    assert list(s["noc"].values()) == noc.tolist() and list(s["nof"].values()) == nof.tolist()
+    np.testing.assert_allclose(list(s["noc"].values()), [np.mean(n) for n in noc], rtol=1e-12)
+    assert list(s["nof"].values()) == [sum(k >= m for k in n) for n in noc]
+    assert len({len(x) for x in all_ious}) > 1 and set(list(s["noc"].values())) != {m}
+    miou = [np.mean([ious[min(k, len(ious) - 1)] for ious in all_ious]) for k in range(m)]
+    np.testing.assert_allclose(s["miou"], miou, rtol=1e-12)
     assert s["instances"] == len(samples) and s["clicks"] == sum(len(r["clicks"]) for r in records)
-    assert len(s["miou"]) == FLIP.max_clicks and s["clicks_per_second"] > 0
+    assert 0 < s["seconds"] <= wall
+    assert s["clicks_per_second"] == pytest.approx(s["clicks"] / s["seconds"])
     table = (tmp_path / "results.md").read_text()
     assert "| GrabCut | 4 |" in table and "Avg. WSESeg (2 classes)" in table
     assert (tmp_path / "miou_curve.png").stat().st_size > 0
@@ -69,6 +80,45 @@ def test_sizes_per_dataset():
                                           "WSESeg_yt_sports")} == {
         "GrabCut": 448, "Berkeley": 448, "SBD": 448, "DAVIS": 672, "HQSeg44k": 896, "SHSeg": 896,
         "WSESeg_yt_sports": 896}
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-flip", "--all-clicks", "--size", "42"]],
+                         ids=["defaults", "no_flip_all_clicks_size"])
+def test_eval_main_flags(tmp_path, monkeypatch, flags):
+    """eval.main on a real GrabCut folder (tfds builder, grain) with the oracle predictor in place
+    of a checkpoint: --size sets S for the dataset, --no-flip encodes each image once instead of
+    with its flip, --all-clicks runs every click (target IoU 1.01)."""
+    import jax
+    import ml_collections
+
+    from skipclick_jax import checkpoint
+    from skipclick_jax.data import testing
+    from skipclick_jax.evaluation.engine import Predictor
+    from tests.test_eval_engine import oracle_decode, oracle_encode
+
+    encoded = []
+
+    def counting_encode(params, images):
+        jax.debug.callback(lambda n: encoded.append(int(n)), images.shape[0])
+        return oracle_encode(params, images)
+
+    predictor = Predictor(counting_encode, oracle_decode, PREDICTOR.params)
+    cfg = ml_collections.ConfigDict({"eval": flip_config()})
+    cfg.eval.update(max_clicks=4, overlays=0)
+    monkeypatch.setattr(checkpoint, "load", lambda path: (predictor, cfg))
+    root = testing.write_grabcut(tmp_path / "GrabCut")
+    summary = eval_cli.main(["--checkpoint", "unused", "--dataset", f"GrabCut={root}",
+                             "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "tfds")] + flags)
+    jax.effects_barrier()
+    s = summary["GrabCut"]
+    records = json.loads((tmp_path / "out" / "GrabCut" / "clicks.json").read_text())
+    assert s["instances"] == len(records) == 2
+    if flags:
+        assert (s["size"], s["flip"], s["target_iou"]) == (42, False, 1.01)
+        assert sum(encoded) == 2 and [len(r["clicks"]) for r in records] == [4, 4]
+    else:
+        assert (s["size"], s["flip"], s["target_iou"]) == (FLIP.size, True, 0.95)
+        assert sum(encoded) == 2 * 2
 
 
 @pytest.mark.slow

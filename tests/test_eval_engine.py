@@ -23,6 +23,8 @@ from skipclick_jax.evaluation.engine import (
     run_samples,
 )
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 RADIUS = 3.0
 
 

@@ -19,6 +19,8 @@ from skipclick_jax import metrics  # noqa: E402
 from skipclick_jax.config_lib import tiny_model_config  # noqa: E402
 from skipclick_jax.evaluation.engine import Protocol, run_samples, skipclick_predictor  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 SIZES = [(45, 61), (70, 52), (33, 47), (58, 58)]
 
 
@@ -39,6 +41,19 @@ def make_samples():
     return samples
 
 
+def with_instances(samples):
+    """Two more instances of the first image (ids '<image>#k', as the SBD/WSESeg/SHSeg loaders
+    make them): other objects on the same picture, so they share its encoding in the engine."""
+    first = samples[0]
+    h, w = first["gt"].shape
+    yy, xx = np.mgrid[:h, :w]
+    extra = []
+    for k, (cy, cx, ry, rx) in enumerate([(0.3, 0.3, 0.2, 0.25), (0.7, 0.6, 0.25, 0.3)], start=2):
+        gt = (((yy - cy * h) / (ry * h)) ** 2 + ((xx - cx * w) / (rx * w)) ** 2 < 1).astype(np.int32)
+        extra.append({"id": f"s0#{k}", "image": first["image"], "gt": gt})
+    return samples[:1] + extra + samples[1:]
+
+
 @pytest.fixture(scope="module")
 def models():
     """A random tiny model made to react: clicks and the previous mask weigh 5x in the click
@@ -53,12 +68,18 @@ def models():
     return ref, verify.model_from_reference(ref, cfg)
 
 
-@pytest.mark.parametrize("flip", [True, False], ids=["flip", "no_flip"])
-def test_engine_reproduces_the_original_loop(models, flip):
+@pytest.mark.parametrize("flip,batch_size,bucket", [(True, 2, 32), (False, None, 80)],
+                         ids=["flip_two_buckets_batch2", "no_flip_one_bucket"])
+def test_engine_reproduces_the_original_loop(models, flip, batch_size, bucket):
+    """Several image sizes in one run. With flip: buckets of 32 make two pool shapes (64x64 and
+    96x64), 2 slots per pool refilled as samples finish (continuous batching), and three
+    instances of one image share its encoding; without: one bucket, the default pool size."""
     ref, model = models
     protocol = Protocol(size=56, max_clicks=6, flip=flip)
-    samples = make_samples()
-    results = run_samples(skipclick_predictor(model), samples, protocol, bucket=80)  # one shape: one compilation
+    samples = with_instances(make_samples()) if flip else make_samples()
+    results = run_samples(skipclick_predictor(model), samples, protocol, batch_size=batch_size,
+                          bucket=bucket)
+    assert [r["id"] for r in results] == [s["id"] for s in samples]
     all_ious, polarities = [], set()
     for sample, res in zip(samples, results):
         clicks, ious = torch_noc.noc_loop(ref, sample["image"], sample["gt"], size=protocol.size,

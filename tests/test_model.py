@@ -12,6 +12,8 @@ from flax import nnx
 from skipclick_jax import config_lib
 from skipclick_jax.model import build_model, decode_fn, disk_maps, encode_fn, param_counts
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # spec §2.2 / §2.3: totals and per-module counts of the original PyTorch models.
@@ -27,6 +29,9 @@ EXPECTED_TOTALS = {
     "skipclick_x2.py": 153_164_417 - 940_673 + 940_545,
     "skipclick_x4.py": 153_164_417 - 940_673 + 940_481,
 }
+# test_tiny at crop 224 (EncoderStack grid 16x16); tiny_synthetic at crop 112 (grid 8x8: 192 fewer
+# position-embedding rows of width 96)
+TINY_TOTALS = {"test_tiny.py": 2_528_945, "tiny_synthetic.py": 2_528_945 - 192 * 96}
 FULL_MODULES = {
     "patch_embed_coords": 452_352, "feature_extractor": 86_583_552, "backbone_mix": 29_137_920,
     "neck": 33_689_856, "head": 940_673, "fuse": 2_360_064,
@@ -76,9 +81,20 @@ def test_every_config_parameter_count(name):
         assert counts["neck"] == 9_475_008  # spec §2.2: neck without skips
 
 
-def test_every_config_file_builds():
-    names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
-    assert set(EXPECTED_TOTALS) | {"test_tiny.py"} <= names
+@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+def test_every_config_file_builds(name):
+    """Every config in configs/ (each argument too) loads, has the four sections and builds its
+    model (abstractly) with the spec's parameter count."""
+    path = os.path.join(ROOT, "configs", name)
+    with open(path) as f:
+        source = f.read()
+    args = [None] + (["paper"] if "'paper'" in source or '"paper"' in source else [])
+    for arg in args:
+        cfg = config_lib.load_config_file(path, arg)
+        assert {"model", "train", "data", "eval"} <= set(cfg), (name, arg)
+        total = param_counts(_abstract(cfg.model))["total"]
+        expected = {**EXPECTED_TOTALS, **TINY_TOTALS}[name]
+        assert total == expected, (name, arg, total)
 
 
 def test_full_config_shapes_448():
@@ -223,15 +239,41 @@ def test_decode_does_not_recompile(tiny_model):
     assert len(traces) == 1
 
 
-def test_dropout_only_in_training_mode(tiny_model):
+def test_dropout2d_drops_whole_channels_scaled_in_training_only(tiny_model):
+    """Dropout2d(p = 0.1) before the classifier: in training mode each (sample, channel) of the
+    head feature is either zeroed everywhere or kept and scaled by 1/(1-p); in eval mode nothing."""
+    head = tiny_model.head
+    assert config_lib.tiny_model_config().head.dropout == config_lib.model_config().head.dropout == 0.1
+    p = head.dropout
+    graphdef, state = nnx.split(head)
+
+    @jax.jit
+    def features(state, feats, rng):
+        h = nnx.merge(graphdef, state)
+        h.conv_seg = lambda x: x  # the classifier's input, i.e. the dropped feature map
+        return h(feats, rng)
+
+    rng = np.random.default_rng(0)
+    n = 64
+    feats = [jnp.asarray(rng.standard_normal((n, 8 // 2**i, 8 // 2**i, c)), jnp.float32)
+             for i, c in enumerate(config_lib.tiny_model_config().neck.out_dims)]
+    plain = np.asarray(features(state, feats, None))
+    dropped = np.asarray(features(state, feats, jax.random.key(0)))
+    live = np.abs(plain).max(axis=(1, 2)) > 0  # [n, C] channels not already zero after the ReLU
+    # x / 0.9 (XLA may multiply by the float32 reciprocal: equal to 1 ulp)
+    kept = np.all(np.isclose(dropped, plain / np.float32(1 - p), rtol=2.5e-7, atol=0), axis=(1, 2))
+    zeroed = np.all(dropped == 0, axis=(1, 2))
+    assert np.all(kept | zeroed)  # whole channels, kept ones scaled by exactly 1/(1-p)
+    rate = np.mean(zeroed[live])
+    assert live.sum() > 2000 and abs(rate - p) < 0.03, (live.sum(), rate)
+    # eval mode: the classifier sees the plain feature (same numbers as the unsplit forward path)
     images = jax.random.uniform(jax.random.key(4), (2, 56, 56, 3))
     prev, points = jnp.zeros((2, 56, 56)), _clicks(2, [(20, 20)], [], p=1)
-    enc = jitted(tiny_model, "encode_image")(images)
+    full = jitted(tiny_model, "__call__")(images, prev, points)
     decode = jitted(tiny_model, "decode_clicks")
-    a = decode(enc, prev, points)
-    np.testing.assert_array_equal(a, decode(enc, prev, points))
-    t = decode(enc, prev, points, None, jax.random.key(0))
-    assert not np.allclose(a, t)
+    enc = jitted(tiny_model, "encode_image")(images)
+    np.testing.assert_allclose(decode(enc, prev, points), full, rtol=0, atol=1e-5)
+    assert np.abs(decode(enc, prev, points, None, jax.random.key(0)) - full).max() > 1e-3
 
 
 def test_single_tap_configs_choose_the_block():

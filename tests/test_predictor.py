@@ -8,6 +8,8 @@ import pytest
 from skipclick_jax import resize
 from skipclick_jax.predictor import Predictor
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 
 @pytest.fixture(scope="module")
 def predictor(tiny_model):

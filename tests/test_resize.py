@@ -9,6 +9,8 @@ import pytest
 
 from skipclick_jax import resize
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 SIZES = [(128, 128, 448, 448), (37, 37, 32, 32), (37, 37, 13, 19), (500, 375, 448, 448), (16, 16, 48, 64)]
 
 

@@ -1,6 +1,8 @@
-"""train.py end to end on a small test_tiny: resume equals an uninterrupted run, a corrupted
-checkpoint is skipped, a NaN stops training with the last good checkpoint kept, --init-from a run
-directory starts from its weights, previews and TensorBoard events are written.
+"""train.py end to end on a small test_tiny: resume equals an uninterrupted run (losses, parameters
+and optimizer state, bit for bit), a corrupted checkpoint is skipped, a non-finite loss and
+non-finite parameters each stop training with the last good checkpoint kept, only the last N
+checkpoints are retained, --init-from a run directory starts from its weights, previews and
+TensorBoard events are written.
 
 All runs happen in one subprocess (a fresh JAX with a persistent compilation cache, so the resumed
 run reuses the first run's executable); the tests assert on its JSON report.
@@ -57,7 +59,7 @@ def _run_child(out: pathlib.Path) -> None:
     # Uninterrupted: 4 steps, a checkpoint after every step, previews every 2 steps.
     a = out / "a"
     cfg.train.image_summary_every_steps = 2
-    train.train_and_evaluate(cfg, a)
+    final_a = jax.device_get(train.train_and_evaluate(cfg, a))
     cfg.train.image_summary_every_steps = 0
     report["a"] = _losses(a)
     report["pngs"] = len(list((a / "images").glob("*.png")))
@@ -79,12 +81,35 @@ def _run_child(out: pathlib.Path) -> None:
     for f in (b / "checkpoints" / "3").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-    train.train_and_evaluate(cfg, b)
+    final_b = jax.device_get(train.train_and_evaluate(cfg, b))
     report["b"] = _losses(b)
     report["b_dirs"] = sorted(p.name for p in (b / "checkpoints").iterdir())
+    same = lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y)))  # noqa: E731
+    for part in ("params", "opt_state", "step", "rng"):
+        la, lb = jax.tree.leaves(getattr(final_a, part)), jax.tree.leaves(getattr(final_b, part))
+        report[f"resume_{part}_equal"] = len(la) == len(lb) > 0 and all(map(same, la, lb))
+    report["opt_state_leaves"] = len(jax.tree.leaves(final_a.opt_state))
 
-    # A NaN learning rate: step 5 is finite but leaves NaN parameters, which are never saved.
+    # Retention: keep_checkpoints=2 leaves the last two steps only.
+    c = out / "c"
+    cfg.train.keep_checkpoints = 2
+    train.train_and_evaluate(cfg, c)
+    cfg.train.keep_checkpoints = 10
+    report["c_dirs"] = sorted(p.name for p in (c / "checkpoints").iterdir() if p.name.isdigit())
+
+    # A non-finite loss (NaN focal-loss alpha) at step 5: stops before saving step 5.
     cfg.train.update(num_steps=6)
+    cfg.train.loss.alpha = float("nan")
+    try:
+        train.train_and_evaluate(cfg, b)
+        report["loss_nan_error"] = None
+    except FloatingPointError as e:
+        report["loss_nan_error"] = str(e)
+    cfg.train.loss.alpha = 0.5
+    report["latest_after_loss_nan"] = max(int(p.name) for p in (b / "checkpoints").iterdir()
+                                          if p.name.isdigit())
+
+    # A NaN learning rate: step 5's loss is finite but it leaves NaN parameters, never saved.
     cfg.train.optimizer.lr = float("nan")
     try:
         train.train_and_evaluate(cfg, b)
@@ -105,7 +130,7 @@ def report(tmp_path_factory):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rep = json.loads((out / "report.json").read_text())
     rep["stderr"] = proc.stderr
@@ -116,7 +141,20 @@ def test_resume_matches_uninterrupted_run(report):
     a, b = report["a"], report["b"]
     assert sorted(a) == ["1", "2", "3", "4"], a
     assert sorted(b) == ["3", "4"], b
-    np.testing.assert_allclose([b["3"], b["4"]], [a["3"], a["4"]], rtol=1e-6)
+    assert [b["3"], b["4"]] == [a["3"], a["4"]]  # same CPU executable: bit for bit
+    assert report["opt_state_leaves"] > 0
+    for part in ("params", "opt_state", "step", "rng"):
+        assert report[f"resume_{part}_equal"], part
+
+
+def test_only_the_last_n_checkpoints_are_kept(report):
+    assert report["c_dirs"] == ["3", "4"], report["c_dirs"]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(report):
+    err = report["loss_nan_error"]
+    assert err and "non-finite loss nan" in err and "at step 5" in err and "step 4" in err, err
+    assert report["latest_after_loss_nan"] == 4
 
 
 def test_corrupted_checkpoint_is_skipped_with_a_warning(report):
@@ -125,9 +163,9 @@ def test_corrupted_checkpoint_is_skipped_with_a_warning(report):
     assert "config.json" in report["b_dirs"]
 
 
-def test_nan_stops_training_and_keeps_last_good_checkpoint(report):
-    assert report["nan_error"] and "non-finite" in report["nan_error"], report["nan_error"]
-    assert "step 4" in report["nan_error"], report["nan_error"]
+def test_non_finite_parameters_stop_and_keep_last_good_checkpoint(report):
+    err = report["nan_error"]
+    assert err and "non-finite parameters after step 5" in err and "step 4" in err, err
     assert report["latest_after_nan"] == 4
     assert report["loaded_finite"]
 

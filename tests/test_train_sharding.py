@@ -56,15 +56,18 @@ def _run_child(meshes: list[tuple[int, int]]) -> None:
             frozen_sh = sharding.param_shardings(mesh, frozen)
             step = sharding.jit_step(train_step, mesh, state_sh, frozen_sh)
             state, f = jax.device_put((state, frozen), (state_sh, frozen_sh))
-            if mesh_shape[1] > 1:  # fsdp really shards the parameters
+            if mesh_shape[1] > 1:  # fsdp really shards the parameters and Adam's moments
                 specs = {x.sharding.spec for x in jax.tree.leaves(state.params)}
                 assert any("fsdp" in s for s in specs), specs
+                check_opt_sharding(state, mesh_shape[1])
         losses = []
         for b in batches:
             if mesh_shape is not None:
                 b = make_global_batch(b, sharding.batch_sharding(mesh))
             state, metrics = step(state, f, b)
             losses.append(float(metrics["loss"]))
+        if mesh_shape is not None and mesh_shape[1] > 1:  # the step keeps them sharded
+            check_opt_sharding(state, mesh_shape[1])
         return losses, jax.device_get(state.params), int(metrics["num_clicks"])
 
     ref_losses, ref_params, _ = run(None)
@@ -74,6 +77,28 @@ def _run_child(meshes: list[tuple[int, int]]) -> None:
         err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref_params)))
         assert err < 1e-5, (shape, err)
         print(f"mesh {shape}: losses {losses} max |dparam| {err:.2e}")
+
+
+def check_opt_sharding(state, fsdp: int) -> None:
+    """Adam's mu and nu have their parameter's fsdp sharding: each device holds 1/fsdp of them."""
+    import jax
+    import optax
+
+    adam = next(s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState))
+    params = jax.tree.leaves(state.params)
+    sharded = 0
+    for moments in (adam.mu, adam.nu):
+        leaves = jax.tree.leaves(moments)
+        assert len(leaves) == len(params)
+        for p, m in zip(params, leaves):
+            assert m.sharding.spec == p.sharding.spec, (m.sharding.spec, p.sharding.spec)
+            if "fsdp" in m.sharding.spec:
+                shard = m.addressable_shards[0].data
+                assert shard.size * fsdp == m.size, (shard.shape, m.shape)
+                sharded += m.size
+    total = sum(p.size for p in params)
+    assert sharded > 0.9 * 2 * total, (sharded, total)  # nearly every moment is split
 
 
 def _check(mesh: str) -> None:

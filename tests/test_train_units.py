@@ -13,6 +13,8 @@ from skipclick_jax.train import optim, sharding, step as sp
 from skipclick_jax.train.defaults import data_defaults, train_defaults
 from skipclick_jax.train.summary import preview_image
 
+pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
+
 
 def test_recipe_and_schedule():
     t, d = train_defaults(), data_defaults()
