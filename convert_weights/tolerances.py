@@ -20,6 +20,11 @@ Measurement commands (the max over every row printed):
                vit_base_patch14_reg4_dinov2 taps at 224, 280x420, 448 (tests/test_parity.py)
   dinov2_tiny_norm_sensitive: tests/test_parity.py::test_norm_sensitive_every_stage (every
                LayerNorm/GroupNorm input scaled to variance ~2x its eps, mean ~300 std)
+  dinov3_tiny: `verify.compare` of `build_reference(test_tiny_dinov3, seed=0..1)` (timm Eva
+               backbone) on `example_inputs` at 224x224, 224x160 and 160x224, input seeds 0..1,
+               split path included (tests/test_dinov3_model.py)
+  dinov3_vitb: configs/skipclick_dinov3.py at 448x448 and 448x320 (model seed 0): max abs
+               measured per stage group; rel tolerances are the ViT-B/14 ones (not measured)
 """
 
 from __future__ import annotations
@@ -62,18 +67,38 @@ TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
         "head_logits": (4.6e-4, 4.4e-4),  # 2.3e-4, 2.2e-4
         "logits": (3e-4, 3.4e-4),         # 1.5e-4, 1.7e-4
     },
+    "dinov3_tiny": {  # configs/test_tiny_dinov3.py, 224x224, 224x160, 160x224, 2 model x 2 input seeds
+        "taps": (1.1e-5, 2.6e-6),         # 5.3e-6, 1.3e-6
+        "fused": (8.1e-6, 1.9e-6),        # 4.1e-6, 9.3e-7
+        "click_embed": (2.5e-6, 1.9e-6),  # 1.3e-6, 9.5e-7
+        "encoder_out": (1.1e-5, 1.7e-6),  # 5.5e-6, 8.5e-7
+        "pyramid": (1.1e-5, 2.6e-6),      # 5.1e-6, 1.3e-6
+        "head_logits": (2.1e-6, 4e-6),    # 1.0e-6, 2.0e-6
+        "logits": (1.9e-6, 4e-6),         # 9.4e-7, 2.0e-6
+    },
+    "dinov3_vitb": {  # configs/skipclick_dinov3.py, 448x448 and 448x320 (abs measured)
+        "taps": (1.3e-5, 3e-6),           # 6.4e-6
+        "fused": (1.9e-5, 1.9e-6),        # <= 9.5e-6 (every stage after the taps)
+        "click_embed": (1.9e-5, 1.5e-6),  # <= 9.5e-6
+        "encoder_out": (1.9e-5, 1.9e-6),  # <= 9.5e-6
+        "pyramid": (1.9e-5, 3.8e-6),      # <= 9.5e-6
+        "head_logits": (1.9e-5, 4.6e-6),  # <= 9.5e-6
+        "logits": (3e-6, 4.2e-6),         # 1.5e-6
+    },
 }
 
 
 def table_for(cfg) -> str:
-    """The table measured for a model config section (DINOv2 test_tiny widths or ViT-B/14)."""
-    names = {(96, "x1"): "dinov2_tiny", (96, "x2"): "dinov2_tiny_x2_x4",
-             (96, "x4"): "dinov2_tiny_x2_x4", (768, "x1"): "dinov2_vitb"}
-    key = (cfg.backbone.dim, cfg.head.upsample)
+    """The table measured for a model config section (test_tiny widths or ViT-B, per backbone)."""
+    kind = cfg.backbone.get("kind", "dinov2")
+    names = {("dinov2", 96, "x1"): "dinov2_tiny", ("dinov2", 96, "x2"): "dinov2_tiny_x2_x4",
+             ("dinov2", 96, "x4"): "dinov2_tiny_x2_x4", ("dinov2", 768, "x1"): "dinov2_vitb",
+             ("dinov3", 96, "x1"): "dinov3_tiny", ("dinov3", 768, "x1"): "dinov3_vitb"}
+    key = (kind, cfg.backbone.dim, cfg.head.upsample)
     if key not in names:
-        raise ValueError(f"no parity tolerances measured for backbone.dim={key[0]} with head.upsample="
-                         f"{key[1]!r} (measured: {sorted(names)}); measure them and add a table "
-                         f"to {__name__}")
+        raise ValueError(f"no parity tolerances measured for backbone {key[0]} dim={key[1]} with "
+                         f"head.upsample={key[2]!r} (measured: {sorted(names)}); measure them and "
+                         f"add a table to {__name__}")
     return names[key]
 
 
