@@ -2,6 +2,7 @@
 
   python eval.py --checkpoint CKPT --dataset GrabCut=/data/GrabCut [--dataset DAVIS=/data/DAVIS ...]
       --out OUT [--config.eval.batch_size=16 ...] [--overlays N] [--no-flip] [--size S] [--all-clicks]
+      [--dtype bfloat16]
 
 CKPT is anything `skipclick_jax.checkpoint.load` accepts. `--size S` uses S for every dataset
 (default: the protocol's per-dataset sizes), `--all-clicks` runs all clicks (target_iou 1.01, for
@@ -35,6 +36,8 @@ def _parse(argv):
     parser.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA")
     parser.add_argument("--size", type=int, default=None, help="network input size S for every dataset")
     parser.add_argument("--all-clicks", action="store_true", help="run all clicks (target_iou=1.01)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype (default: the checkpoint's model.dtype)")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for arg in rest:
@@ -99,6 +102,8 @@ def main(argv=None) -> dict:
         cfg.eval.sizes = {}
     if args.all_clicks:
         cfg.eval.target_iou = 1.01
+    if args.dtype:
+        cfg.eval.dtype = args.dtype
     summary = evaluate(model, datasets, args.out, cfg.eval, data_dir=args.data_dir)
     for name, s in summary.items():
         nocs = ", ".join(f"NoC@{k}={v:.2f}" for k, v in s["noc"].items())

@@ -87,7 +87,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
     # ------------------------------------------------------------------ Update
     train_step = sharding.jit_step(
         step_lib.make_train_step(graphdef, tx, schedule, max_num_next_clicks=tc.max_num_next_clicks,
-                                 pred_thresh=tc.pred_thresh, **tc.loss),
+                                 pred_thresh=tc.pred_thresh, remat=tc.remat,
+                                 remat_policy=tc.remat_policy, **tc.loss),
         mesh, state_sharding, frozen_sharding)
     n_preview = min(tc.num_image_summaries, tc.batch_size)
     preview = jax.jit(step_lib.make_preview_fn(

@@ -38,7 +38,13 @@ class _Step:
 class Predictor:
     """Click-by-click segmentation of one image at a time (see the module docstring)."""
 
-    def __init__(self, model: SkipClick, size: int | None = None):
+    def __init__(self, model: SkipClick, size: int | None = None, dtype: str | None = None,
+                 attention: str | None = None):
+        """`dtype` / `attention` override the model's compute settings (`SkipClick.set_precision`),
+        e.g. dtype='bfloat16' runs a float32 checkpoint in bfloat16 on an accelerator."""
+        if dtype or attention:
+            model = nnx.clone(model)
+            model.set_precision(dtype, attention)
         graphdef, self._state = nnx.split(model)
         self.size = size or model.backbone_mix.pos_grid * model.patch
         model.check_image_size(self.size, self.size)

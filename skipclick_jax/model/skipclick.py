@@ -38,6 +38,13 @@ def _true_divide(x: jax.Array, divisor) -> jax.Array:
     return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(divisor, x.dtype), x.shape))
 
 
+def check_remat(mode: str, policy: str) -> None:
+    """Raises a ValueError for an unknown `train.remat` mode or `train.remat_policy` name."""
+    if mode not in REMAT:
+        raise ValueError(f"train.remat must be one of {REMAT}, got {mode!r}")
+    layers.remat_policy(policy)
+
+
 # ----------------------------------------------------------------------------- clicks
 def disk_maps(points: jax.Array, height: int, width: int, radius: float,
               point_denom: jax.Array | None = None) -> jax.Array:
@@ -265,9 +272,7 @@ class SkipClick(nnx.Module):
         """Rematerialisation of the per-click path, in place: 'none', 'blocks' (each EncoderStack
         block under jax.checkpoint with `jax.checkpoint_policies.<policy>`) or 'decoder' (also
         the neck and the head, each as one checkpointed call)."""
-        if mode not in REMAT:
-            raise ValueError(f"train.remat must be one of {REMAT}, got {mode!r}")
-        layers.remat_policy(policy)  # validates the name
+        check_remat(mode, policy)
         self.backbone_mix.remat_policy = None if mode == "none" else policy
         self.decoder_remat_policy = policy if mode == "decoder" else None
 
