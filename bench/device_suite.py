@@ -4,7 +4,7 @@
 
 One process, its own time limit (a section that would start after it is skipped, and says so).
 Full SkipClick (ViT-B/14 DINOv2, random weights) at 448 unless --quick, which runs the same code
-on a small `test_tiny` variant at tiny sizes (CPU, under a minute; a test runs it). Sections:
+on a small `test_tiny` variant at tiny sizes (a CPU smoke run; a test runs it). Sections:
   env       backend, device, jax version, device memory;
   response  quick response at batch 1: encode ms and per-click decode ms (median of warm calls),
             float32 and bfloat16 (and bfloat16 with cuDNN attention where it can run);
@@ -56,12 +56,15 @@ class Sizes:
     noc_clicks: int
     loop_images: int
     repeats: int
+    train_settings: tuple[tuple[str, str], ...] = (
+        ("float32", "none"), ("bfloat16", "blocks"), ("bfloat16", "none"), ("float32", "blocks"))
 
 
 FULL = Sizes(crop=448, train_batch=32, max_batch=1024, noc_batches=(1, 8, 32), noc_images=48,
              noc_size=448, noc_clicks=20, loop_images=8, repeats=10)
 QUICK = Sizes(crop=56, train_batch=2, max_batch=4, noc_batches=(1, 2, 4), noc_images=4,
-              noc_size=56, noc_clicks=2, loop_images=2, repeats=2)
+              noc_size=56, noc_clicks=2, loop_images=2, repeats=2,
+              train_settings=(("float32", "none"), ("bfloat16", "blocks")))
 
 
 def model_config(quick: bool):
@@ -205,8 +208,7 @@ def train_run(cfg, dtype: str, remat: str, batch: int, steps: int) -> dict:
 
 def train_section(cfg, sizes: Sizes, clock: Clock, steps: int) -> list[dict]:
     rows = []
-    for dtype, remat in [("float32", "none"), ("bfloat16", "blocks"), ("bfloat16", "none"),
-                         ("float32", "blocks")]:
+    for dtype, remat in sizes.train_settings:
         row = dict(dtype=dtype, remat=remat, runs=[])
         try:
             clock.require(20, f"train {dtype}/{remat}")
@@ -320,7 +322,7 @@ def markdown(r: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run, < 1 min)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds (default 360, quick 60)")
     ap.add_argument("--json", default="device_suite.json", help="where the results go")
     ap.add_argument("--steps", type=int, default=None, help="timed train steps per run")

@@ -282,7 +282,8 @@ def test_device_suite_quick_runs_every_section(tmp_path):
     assert {(x["dtype"], x["attention"]) for x in r["response"]} >= {("float32", "xla"), ("bfloat16", "xla")}
     assert all(x["encode_ms"] > 0 and x["decode_ms"] > 0 for x in r["response"] if "error" not in x)
     assert r["agree"] and all(0.0 <= x["mask_iou"] <= 1.0 and np.isfinite(x["max_abs"]) for x in r["agree"])
-    assert len(r["train"]) == 4 and all(x["runs"] and "error" not in x for x in r["train"])
+    assert len(r["train"]) == 2 and all(x["runs"] and "error" not in x for x in r["train"])
+    assert [run["batch"] for run in r["train"][0]["runs"]] == [2, 4]  # batch 2, doubled once
     assert all(np.isfinite(run["loss"]) for x in r["train"] for run in x["runs"])
     if "error" not in r["noc"]:  # the per-sample loop's clicker needs torch
         assert r["noc"]["clicks_identical"] and r["noc"]["loop_matches_engine"]
