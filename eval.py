@@ -2,7 +2,7 @@
 
   python eval.py --checkpoint CKPT --dataset GrabCut=/data/GrabCut [--dataset DAVIS=/data/DAVIS ...]
       --out OUT [--config configs/x.py[:arg]] [--config.eval.batch_size=16 ...] [--overlays N]
-      [--no-flip] [--size S] [--all-clicks] [--overwrite]
+      [--no-flip] [--size S] [--all-clicks] [--dtype bfloat16] [--overwrite]
 
 CKPT is anything `skipclick_jax.checkpoint.load` accepts; `--config` gives the config for files
 without one (bare state dicts, backbones) or replaces the stored one (checked against the
@@ -49,6 +49,8 @@ def _parse(argv):
                         help="config file (configs/*.py, optionally :arg, or a config.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     distributed.add_arguments(parser)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype (default: the checkpoint's model.dtype)")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for arg in rest:
@@ -148,6 +150,8 @@ def _main(args, overrides, datasets) -> dict:
         cfg.eval.sizes = {}
     if args.all_clicks:
         cfg.eval.target_iou = 1.01
+    if args.dtype:
+        cfg.eval.dtype = args.dtype
     config_lib.validate_eval_config(cfg.eval)
     with distributed.main_first("load the datasets"):  # dataset builds run once, on process 0
         loaded = {name: _load_dataset(name, path, cfg, args.data_dir) for name, path in datasets.items()}

@@ -107,7 +107,8 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
     # ------------------------------------------------------------------ Update
     train_step = sharding.jit_step(
         step_lib.make_train_step(graphdef, tx, schedule, max_num_next_clicks=tc.max_num_next_clicks,
-                                 pred_thresh=tc.pred_thresh, **tc.loss,
+                                 pred_thresh=tc.pred_thresh, remat=tc.remat,
+                                 remat_policy=tc.remat_policy, **tc.loss,
                                  backbone_train_mode=tc.get("backbone_train_mode", True)),
         mesh, state_sharding, frozen_sharding)
     n_preview = min(tc.num_image_summaries, tc.batch_size)

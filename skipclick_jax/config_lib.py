@@ -59,6 +59,10 @@ def model_config(
             # embed_dim = width of the fused head feature (SegFormer `out_channels`); the
             # classifier input is embed_dim / {x1: 1, x2: 2, x4: 4}.
             head=dict(embed_dim=256, upsample=upsample, dropout=0.1),
+            # Compute settings (not architecture): 'float32' | 'bfloat16' for matmuls, convs and
+            # attention (parameters stay float32); attention 'xla' | 'cudnn' (GPU, bfloat16).
+            dtype="float32",
+            attention="xla",
         )
     )
 

@@ -136,12 +136,18 @@ class _ClickSession:
 class Predictor(_ClickSession):
     """Click-by-click segmentation of one image at a time with JAX (see the module docstring)."""
 
-    def __init__(self, model: SkipClick, size: int | None = None):
+    def __init__(self, model: SkipClick, size: int | None = None, dtype: str | None = None,
+                 attention: str | None = None):
+        """`dtype` / `attention` override the model's compute settings (`SkipClick.set_precision`),
+        e.g. dtype='bfloat16' runs a float32 checkpoint in bfloat16 on an accelerator."""
         import jax
         from flax import nnx
 
         from skipclick_jax.model import decode_fn, encode_fn
 
+        if dtype or attention:
+            model = nnx.clone(model)
+            model.set_precision(dtype, attention)
         graphdef, self._state = nnx.split(model)
         self.size = size or model.backbone_mix.pos_grid * model.patch
         model.check_image_size(self.size, self.size)

@@ -12,6 +12,8 @@ def eval_defaults() -> ml_collections.ConfigDict:
     ending in `*` match by prefix, anything else uses `default_size`. `bucket` is the granularity
     (pixels) to which image heights/widths are padded so that a batch shares one shape;
     `batch_size` 0 picks `engine.default_batch_size()` (1 per device on CPU, 8 on accelerators).
+    `dtype` ('float32' | 'bfloat16') and `attention` ('xla' | 'cudnn') override the model's
+    compute settings for the evaluation ("" keeps the model's own `model.dtype` / `model.attention`).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -26,6 +28,8 @@ def eval_defaults() -> ml_collections.ConfigDict:
             batch_size=0,
             bucket=64,
             overlays=0,
+            dtype="",
+            attention="",
         )
     )
 

@@ -56,12 +56,16 @@ class Predictor:
     params: Any
 
 
-def skipclick_predictor(model) -> Predictor:
-    """The SkipClick adapter: an `nnx` SkipClick model -> Predictor (dropout off)."""
+def skipclick_predictor(model, dtype: str | None = None, attention: str | None = None) -> Predictor:
+    """The SkipClick adapter: an `nnx` SkipClick model -> Predictor (dropout off), computing in
+    `dtype` with `attention` (None: the model's own settings; see `SkipClick.set_precision`)."""
     from flax import nnx
 
     from skipclick_jax.model import decode_fn, encode_fn
 
+    if dtype or attention:
+        model = nnx.clone(model)
+        model.set_precision(dtype or None, attention or None)
     graphdef, state = nnx.split(model)
     return Predictor(encode_fn(graphdef), decode_fn(graphdef), state)
 

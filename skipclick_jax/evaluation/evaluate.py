@@ -50,7 +50,8 @@ def evaluate(
     """Evaluates on every dataset and writes the report files; returns the summary dict.
 
     Args:
-      model_or_predictor: a SkipClick `nnx` model or an `engine.Predictor`.
+      model_or_predictor: a SkipClick `nnx` model (run in `cfg.dtype` / `cfg.attention` when they
+        are set) or an `engine.Predictor`.
       datasets: name -> samples ({'id', 'image', 'gt'}, sequence-like, in dataset order) or the
         dataset's root folder (read with `skipclick_jax.data.eval_datasets.load_eval_dataset`).
       out: output folder (created).
@@ -58,7 +59,7 @@ def evaluate(
       data_dir: TFDS cache folder for datasets given as folders.
     """
     predictor = (model_or_predictor if isinstance(model_or_predictor, Predictor)
-                 else skipclick_predictor(model_or_predictor))
+                 else skipclick_predictor(model_or_predictor, cfg.get("dtype"), cfg.get("attention")))
     out = pathlib.Path(out)
     write = distributed.is_main()
     if write:

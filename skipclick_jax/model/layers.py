@@ -2,15 +2,34 @@
 
 Initialisers follow PyTorch's defaults (spec §3) so a model trained from scratch around a
 pretrained backbone starts where the original does.
+
+Precision: parameters are always float32. `Linear`, `Conv`, `ConvTranspose` and `Attention` have
+a static `dtype` (the compute dtype, float32 unless `set_precision` says otherwise): their inputs
+and weights are cast to it and their outputs are in it. Norms keep float32 statistics; the
+attention logits and softmax are float32 (`jax.nn.dot_product_attention`). In float32 nothing is
+cast, so the float32 path is unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+DTYPES = ("float32", "bfloat16")
+ATTENTION = ("xla", "cudnn")
+REMAT_POLICIES = (  # zero-argument members of jax.checkpoint_policies
+    "nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "everything_saveable",
+    "checkpoint_dots", "checkpoint_dots_with_no_batch_dims",
+)
+
+
+def _cast(dtype, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """The arrays in `dtype`; arrays already in it are returned as they are (no op)."""
+    return tuple(a if a.dtype == dtype else a.astype(dtype) for a in arrays)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -37,9 +56,11 @@ class Linear(nnx.Module):
         bias_init = bias_init or torch_uniform(in_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features)))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,)))
+        self.dtype = jnp.dtype(jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.kernel[...] + self.bias[...]
+        x, kernel, bias = _cast(self.dtype, x, self.kernel[...], self.bias[...])
+        return x @ kernel + bias
 
 
 class Conv(nnx.Module):
@@ -58,9 +79,10 @@ class Conv(nnx.Module):
         shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
         self.bias = nnx.Param(bias_init(rngs.params(), (out_features,)))
+        self.dtype = jnp.dtype(jnp.float32)
 
     def __call__(self, x: jax.Array, channels: slice = slice(None), bias: bool = True) -> jax.Array:
-        kernel = self.kernel[...][:, :, channels]
+        x, kernel, shift = _cast(self.dtype, x, self.kernel[...][:, :, channels], self.bias[...])
         k = kernel.shape[0]
         b, h, w, c = x.shape
         if k == 1:
@@ -70,7 +92,7 @@ class Conv(nnx.Module):
             hk, wk = h // k, w // k
             x = x[:, : hk * k, : wk * k].reshape(b, hk, k, wk, k, c)
             y = jnp.einsum("bikjlc,klco->bijo", x, kernel)
-        return y + self.bias[...] if bias else y
+        return y + shift if bias else y
 
 
 class ConvTranspose(nnx.Module):
@@ -84,12 +106,13 @@ class ConvTranspose(nnx.Module):
         init = torch_uniform(out_features * 4)
         self.kernel = nnx.Param(init(rngs.params(), (2, 2, in_features, out_features)))
         self.bias = nnx.Param(init(rngs.params(), (out_features,)))
+        self.dtype = jnp.dtype(jnp.float32)
 
     def __call__(self, x: jax.Array, channels: slice = slice(None), bias: bool = True) -> jax.Array:
-        kernel = self.kernel[...][:, :, channels]
+        x, kernel, shift = _cast(self.dtype, x, self.kernel[...][:, :, channels], self.bias[...])
         b, h, w, _ = x.shape
         y = jnp.einsum("bijc,klco->bikjlo", x, kernel).reshape(b, 2 * h, 2 * w, -1)
-        return y + self.bias[...] if bias else y
+        return y + shift if bias else y
 
 
 def layer_norm(dim: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
@@ -104,20 +127,65 @@ def group_norm(dim: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused qkv Linear ([q; k; v] rows, as timm/DINOv2)."""
+    """Multi-head self-attention with a fused qkv Linear ([q; k; v] rows, as timm/DINOv2).
+
+    The attention itself is `jax.nn.dot_product_attention` with `implementation` 'xla' (float32
+    logits and softmax in any dtype) or 'cudnn' (flash attention: GPU, bfloat16/float16). q is
+    scaled before the product, as DINOv2 does (exact for power-of-two scales).
+    """
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, **linear_kw):
         self.heads = heads
+        self.head_dim = dim // heads
         self.qkv = Linear(dim, 3 * dim, rngs=rngs, **linear_kw)
         self.proj = Linear(dim, dim, rngs=rngs, **linear_kw)
+        self.dtype = jnp.dtype(jnp.float32)
+        self.implementation = "xla"
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[B, N, C] -> q, k, v, each [B, N, heads, C / heads] in the compute dtype."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scale = (c // self.heads) ** -0.5
-        attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q * scale, k), axis=-1)
-        return self.proj(jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c))
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """softmax(q·k / sqrt(d)) v over [B, N, heads, d] -> [B, N, heads, d]."""
+        q, k, v = _cast(self.dtype, q, k, v)
+        check_attention(self.implementation, q.dtype, q.shape[-1])
+        return jax.nn.dot_product_attention(q * q.shape[-1] ** -0.5, k, v, scale=1.0,
+                                            implementation=self.implementation)
+
+    def __call__(self, x: jax.Array, rope: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+        """x [B, N, C] -> [B, N, C]; `rope` (if given) maps q and k [B, N, heads, d] before attention."""
+        b, n, c = x.shape
+        q, k, v = self.qkv_heads(x)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        return self.proj(self.attend(q, k, v).reshape(b, n, c))
+
+
+def check_attention(implementation: str, dtype, head_dim: int) -> None:
+    """Raises a ValueError saying why `implementation` cannot run here (backend, dtype, head dim)."""
+    if implementation == "xla":
+        return
+    if implementation != "cudnn":
+        raise ValueError(f"model.attention must be one of {ATTENTION}, got {implementation!r}")
+    problems = []
+    backend = jax.default_backend()
+    max_dim = 128
+    if backend != "gpu":
+        problems.append(f"the backend is {backend!r}, cuDNN attention needs a GPU")
+    elif str(getattr(jax.devices()[0], "compute_capability", "0")) >= "9.0":
+        max_dim = 256  # Hopper and newer
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        problems.append(f"the compute dtype is {jnp.dtype(dtype).name}, cuDNN attention needs "
+                        "bfloat16 or float16 (model.dtype=bfloat16)")
+    if head_dim % 8 or head_dim > max_dim:
+        problems.append(f"the head dim is {head_dim}, cuDNN attention needs a multiple of 8 "
+                        f"<= {max_dim}")
+    if problems:
+        raise ValueError("model.attention='cudnn' cannot run: " + "; ".join(problems)
+                         + ". Use model.attention='xla'.")
 
 
 class Mlp(nnx.Module):
@@ -129,3 +197,38 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu(self.fc1(x)))
+
+
+def set_precision(module: nnx.Module, dtype: str | None = None, attention: str | None = None, *,
+                  keep_float32: Iterable[nnx.Module] = ()) -> None:
+    """Sets, in place, the compute dtype of every Linear / Conv / ConvTranspose / Attention /
+    LayerNorm / GroupNorm in `module` (norms: float32 statistics, output in `dtype`) and the
+    implementation of every Attention. Modules in `keep_float32` stay float32. None keeps a setting.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {dtype!r}")
+    if attention is not None and attention not in ATTENTION:
+        raise ValueError(f"model.attention must be one of {ATTENTION}, got {attention!r}")
+    keep = {id(m) for m in keep_float32}
+    for _, m in nnx.iter_modules(module):
+        if dtype is not None and isinstance(m, (Linear, Conv, ConvTranspose, Attention)):
+            m.dtype = jnp.dtype("float32" if id(m) in keep else dtype)
+        if dtype is not None and isinstance(m, (nnx.LayerNorm, nnx.GroupNorm)):
+            m.dtype = None if dtype == "float32" or id(m) in keep else jnp.dtype(dtype)
+        if attention is not None and isinstance(m, Attention):
+            m.implementation = attention
+
+
+def checkpointed(module: Callable, policy: str | None, *args):
+    """module(*args), under `jax.checkpoint` with `jax.checkpoint_policies.<policy>` unless
+    `policy` is None (then called as it is)."""
+    if policy is None:
+        return module(*args)
+    return nnx.remat(lambda m, *a: m(*a), policy=remat_policy(policy))(module, *args)
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint_policies` member called `name` (one of REMAT_POLICIES)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"train.remat_policy must be one of {REMAT_POLICIES}, got {name!r}")
+    return getattr(jax.checkpoint_policies, name)

@@ -3,7 +3,8 @@ SimpleFPN with skip connections -> SegFormer head -> bilinear (align_corners=Tru
 
 The quick-response split: `encode_image` runs everything that depends only on the image (DINOv2,
 the fuse Linear, and the skip-tap half of each neck branch's first layer); `decode_clicks` runs the
-per-click rest. All arrays are NHWC / [B, N, C] float32.
+per-click rest. All arrays are NHWC / [B, N, C]; float32, or the compute dtype `model.dtype`
+for matmul outputs and the encoding (`set_precision`; the logits are always float32).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from flax import nnx
 from skipclick_jax import config_lib, resize
 from skipclick_jax.model.dinov2 import DinoV2, PatchEmbed
 from skipclick_jax.model.dinov3 import DinoV3
+from skipclick_jax.model import layers
 from skipclick_jax.model.layers import (
-    Attention, Conv, ConvTranspose, Linear, Mlp, gelu, group_norm, layer_norm,
+    Attention, Conv, ConvTranspose, Linear, Mlp, checkpointed, gelu, group_norm, layer_norm,
 )
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
+REMAT = ("none", "blocks", "decoder")
 
 Encoding = dict  # {'fused': [B,h,w,D], 'skips': tuple of 4 first-layer skip halves, or ()}
 BACKBONES = {"dinov2": DinoV2, "dinov3": DinoV3}  # model.backbone.kind -> module
@@ -35,6 +38,13 @@ def _true_divide(x: jax.Array, divisor) -> jax.Array:
     """x / divisor, correctly rounded like torch: XLA would turn a division by a broadcast into
     a multiplication by its reciprocal, so the divisor is materialised behind a barrier."""
     return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(divisor, x.dtype), x.shape))
+
+
+def check_remat(mode: str, policy: str) -> None:
+    """Raises a ValueError for an unknown `train.remat` mode or `train.remat_policy` name."""
+    if mode not in REMAT:
+        raise ValueError(f"train.remat must be one of {REMAT}, got {mode!r}")
+    layers.remat_policy(policy)
 
 
 # ----------------------------------------------------------------------------- clicks
@@ -99,6 +109,7 @@ class EncoderStack(nnx.Module):
             jax.random.normal(rngs.params(), (1, pos_grid * pos_grid, dim)) * 0.02
         )
         self.blocks = nnx.List([StackBlock(dim, heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
+        self.remat_policy: str | None = None  # each block under jax.checkpoint with this policy
 
     def position_embedding(self, h: int, w: int) -> jax.Array:
         pos = self.pos_embed[...]
@@ -111,7 +122,7 @@ class EncoderStack(nnx.Module):
         b, h, w, d = fused.shape
         x = (fused + click_embed).reshape(b, h * w, d) + self.position_embedding(h, w)
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed(block, self.remat_policy, x)
         return x
 
 
@@ -305,6 +316,26 @@ class SkipClick(nnx.Module):
         self.fuse = Linear(len(taps) * bb.dim, st.dim, rngs=rngs) if len(taps) > 1 else None
         if self.fuse is None and bb.dim != st.dim:
             raise ValueError(f"a single tap needs backbone.dim == stack.dim, got {bb.dim} != {st.dim}")
+        self.decoder_remat_policy: str | None = None
+        self.dtype, self.attention = "float32", "xla"
+        self.set_precision(cfg.get("dtype", "float32"), cfg.get("attention", "xla"))
+
+    # -- compute settings ----------------------------------------------------------
+    def set_precision(self, dtype: str | None = None, attention: str | None = None) -> None:
+        """Compute dtype ('float32' | 'bfloat16') and attention ('xla' | 'cudnn'), in place; None
+        keeps a setting. Parameters stay float32; the classifier (`head.conv_seg`), and so the
+        logits, stay float32 (see `layers.set_precision`)."""
+        layers.set_precision(self, dtype, attention, keep_float32=(self.head.conv_seg,))
+        self.dtype = dtype or self.dtype
+        self.attention = attention or self.attention
+
+    def set_remat(self, mode: str = "none", policy: str = "nothing_saveable") -> None:
+        """Rematerialisation of the per-click path, in place: 'none', 'blocks' (each EncoderStack
+        block under jax.checkpoint with `jax.checkpoint_policies.<policy>`) or 'decoder' (also
+        the neck and the head, each as one checkpointed call)."""
+        check_remat(mode, policy)
+        self.backbone_mix.remat_policy = None if mode == "none" else policy
+        self.decoder_remat_policy = policy if mode == "decoder" else None
 
     # -- image-only half ---------------------------------------------------------
     def check_image_size(self, height: int, width: int) -> None:
@@ -360,8 +391,9 @@ class SkipClick(nnx.Module):
                              f"({h * self.patch}x{w * self.patch})")
         click_embed = self.click_embedding(prev_mask, points, point_denom)
         x = self.backbone_mix(fused, click_embed)
-        pyramid = self.neck(x.reshape(b, h, w, d), encoding["skips"])
-        head_logits = self.head(pyramid, dropout_rng)
+        pyramid = checkpointed(self.neck, self.decoder_remat_policy, x.reshape(b, h, w, d),
+                               encoding["skips"])
+        head_logits = checkpointed(self.head, self.decoder_remat_policy, pyramid, dropout_rng)
         logits = resize.bilinear_ac(head_logits, prev_mask.shape[1:3])[..., 0]
         return dict(fused=fused, click_embed=click_embed, encoder_out=x, pyramid=pyramid,
                     head_logits=head_logits, logits=logits)

@@ -12,6 +12,9 @@ def train_defaults() -> ml_collections.ConfigDict:
 
     `num_steps` < 0 means `num_epochs * (data.epoch_len // batch_size)` (drop_last). Mesh axes
     of size -1 take all remaining devices. `*_every_steps` <= 0 disables that action.
+    `remat` ('none' | 'blocks' | 'decoder') and `remat_policy` (a `jax.checkpoint_policies` name)
+    trade compute for memory (`SkipClick.set_remat`); `mu_dtype` 'bfloat16' keeps Adam's first
+    moment in bfloat16. The compute dtype is `model.dtype`.
     """
     return ml_collections.ConfigDict(
         dict(
@@ -23,6 +26,9 @@ def train_defaults() -> ml_collections.ConfigDict:
             lr_milestones=(50,),  # epochs after which lr *= lr_gamma (MultiStepLR)
             lr_gamma=0.1,
             loss=dict(alpha=0.5, gamma=2.0, eps=1e-12),
+            mu_dtype="float32",
+            remat="none",
+            remat_policy="nothing_saveable",
             max_num_next_clicks=3,  # simulated clicks per batch ~ U{0..max}
             pred_thresh=0.49,
             mesh=dict(data=-1, fsdp=1),

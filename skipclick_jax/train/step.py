@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from skipclick_jax.clicks import train_next_points
+from skipclick_jax.model.skipclick import check_remat
 from skipclick_jax.train.loss import binary_iou, normalized_focal_loss
 from skipclick_jax.train.state import TrainState
 
@@ -60,16 +61,21 @@ def make_train_step(
     gamma: float = 2.0,
     eps: float = 1e-12,
     backbone_train_mode: bool = True,
+    remat: str = "none",
+    remat_policy: str = "nothing_saveable",
 ) -> Callable[[TrainState, dict[str, Any], Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure step (state, frozen, batch) -> (state, metrics) to be wrapped in jax.jit.
 
     The image is encoded once per step (with gradients, so an unfrozen backbone trains); the
-    simulation reuses it under stop_gradient, then a train-mode forward (Dropout2d) gives the loss.
+    simulation reuses it under stop_gradient, then a train-mode forward (Dropout2d) gives the loss,
+    with `remat` ('none' | 'blocks' | 'decoder', see `SkipClick.set_remat`). The compute dtype is
+    the model's (`model.dtype`); parameters, gradients, optimizer state and the loss are float32.
     With `backbone_train_mode`, a backbone whose training mode differs (DINOv3: RoPE coordinate
     rescale) is run again in training mode for the loss forward, as the original trainer does;
     the click simulation stays eval-mode.
     metrics: float32 scalars loss, iou (prediction at `pred_thresh`), grad_norm, lr, num_clicks.
     """
+    check_remat(remat, remat_policy)
 
     def train_step(state: TrainState, frozen: dict[str, Any], batch: Batch):
         k_num, k_click, k_drop, k_backbone = step_keys(state)
@@ -77,6 +83,7 @@ def make_train_step(
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
+            model.set_remat(remat, remat_policy)
             enc = model.encode_image(batch["image"])
             prev, points = simulate_clicks(
                 graphdef, params, frozen, enc, batch, num_clicks, k_click, pred_thresh
