@@ -93,8 +93,29 @@ def _post_json(url, body):
 
 
 def _upload(server, data: bytes):
+    if len(data) > MAX_UPLOAD_MB * 2**20:  # the server answers from the header, before the body
+        return _oversized_upload(server, len(data))
     status, body, _ = _request(server + "/api/image", data, {"Content-Type": "application/octet-stream"})
     return status, json.loads(body)
+
+
+def _oversized_upload(server, length: int):
+    """POST headers declaring `length` bytes and read the answer without sending the body (a client
+    mid-way through sending a large body may see the connection closed instead of the 413)."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(server)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/api/image")
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
 
 
 def test_binds_localhost_and_serves(server):
