@@ -28,10 +28,15 @@ EXPECTED_TOTALS = {
     "skipclick_p6.py": 153_164_417 + 2 * 7_087_872,
     "skipclick_x2.py": 153_164_417 - 940_673 + 940_545,
     "skipclick_x4.py": 153_164_417 - 940_673 + 940_481,
+    # DINOv3 ViT-B/16 (85,669,632 params; periods and bias_mask are buffers) for DINOv2's
+    # 86,583,552; EncoderStack grid 28 (240 fewer pos rows of 768); click patch embed 16x16
+    "skipclick_dinov3.py": 153_164_417 - 86_583_552 + 85_669_632 - 240 * 768 + 3 * 768 * (256 - 196),
 }
 # test_tiny at crop 224 (EncoderStack grid 16x16); tiny_synthetic at crop 112 (grid 8x8: 192 fewer
 # position-embedding rows of width 96)
-TINY_TOTALS = {"test_tiny.py": 2_528_945, "tiny_synthetic.py": 2_528_945 - 192 * 96}
+TINY_TOTALS = {"test_tiny.py": 2_528_945, "tiny_synthetic.py": 2_528_945 - 192 * 96,
+               # DINOv3 at dim 96 (1,418,976) for DINOv2's 1,533,216; grid 14 (60 fewer rows)
+               "test_tiny_dinov3.py": 2_528_945 - 1_533_216 + 1_418_976 - 60 * 96 + 3 * 96 * (256 - 196)}
 FULL_MODULES = {
     "patch_embed_coords": 452_352, "feature_extractor": 86_583_552, "backbone_mix": 29_137_920,
     "neck": 33_689_856, "head": 940_673, "fuse": 2_360_064,
