@@ -105,7 +105,7 @@ def test_eval_main_flags(tmp_path, monkeypatch, flags):
     predictor = Predictor(counting_encode, oracle_decode, PREDICTOR.params)
     cfg = ml_collections.ConfigDict({"eval": flip_config()})
     cfg.eval.update(max_clicks=4, overlays=0)
-    monkeypatch.setattr(checkpoint, "load", lambda path: (predictor, cfg))
+    monkeypatch.setattr(checkpoint, "load", lambda path, config=None: (predictor, cfg))
     root = testing.write_grabcut(tmp_path / "GrabCut")
     summary = eval_cli.main(["--checkpoint", "unused", "--dataset", f"GrabCut={root}",
                              "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "tfds")] + flags)
