@@ -261,7 +261,10 @@ def test_default_model_is_the_main_jobs_checkpoint_else_random(trained, tmp_path
     (run / "config.json").write_text((trained[0] / "config.json").read_text())
     import shutil
 
+    from skipclick_jax.checkpoint import write_digests
+
     shutil.copytree(trained[0] / "params", run / "300" / "params")
+    write_digests(run / "300")  # a complete train.py step carries its digests
     model, description = demo.load_model(None)
     assert description == f"checkpoint {tmp_path / 'runs' / 'tiny_synthetic'}"
     assert model.backbone_mix.pos_grid * model.patch == 112
