@@ -100,7 +100,7 @@ def make_train_step(
         metrics = dict(
             loss=loss,
             iou=binary_iou(jax.nn.sigmoid(logits), batch["gt"], pred_thresh).mean(),
-            grad_norm=optax.global_norm(grads),
+            grad_norm=optax.tree.norm(grads),
             lr=jnp.asarray(schedule(state.step), jnp.float32),
             num_clicks=num_clicks.astype(jnp.float32),
         )
