@@ -97,16 +97,20 @@ def _run_child(out: pathlib.Path) -> None:
     cfg.train.keep_checkpoints = 10
     report["c_dirs"] = sorted(p.name for p in (c / "checkpoints").iterdir() if p.name.isdigit())
 
-    # A non-finite loss (NaN focal-loss alpha) at step 5: stops before saving step 5.
+    # A non-finite loss (NaN focal-loss alpha) at step 5: stops before saving step 5. A changed
+    # loss in a used workdir is refused, so this is a copy of run b whose config has that alpha.
     cfg.train.update(num_steps=6)
     cfg.train.loss.alpha = float("nan")
+    b_nan = out / "b_nan"
+    shutil.copytree(b, b_nan)
+    (b_nan / "checkpoints" / "config.json").write_text(config_lib.config_to_json(cfg))
     try:
-        train.train_and_evaluate(cfg, b)
+        train.train_and_evaluate(cfg, b_nan)
         report["loss_nan_error"] = None
     except FloatingPointError as e:
         report["loss_nan_error"] = str(e)
     cfg.train.loss.alpha = 0.5
-    report["latest_after_loss_nan"] = max(int(p.name) for p in (b / "checkpoints").iterdir()
+    report["latest_after_loss_nan"] = max(int(p.name) for p in (b_nan / "checkpoints").iterdir()
                                           if p.name.isdigit())
 
     # A NaN learning rate: step 5's loss is finite but it leaves NaN parameters, never saved.
