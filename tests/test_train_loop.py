@@ -46,7 +46,7 @@ def _run_child(out: pathlib.Path) -> None:
     import jax
     from flax import nnx
 
-    from skipclick_jax import checkpoint
+    from skipclick_jax import checkpoint, config_lib
     from skipclick_jax.train.state import pick
 
     spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
