@@ -28,6 +28,7 @@ from convert_weights.torch_reference import build_reference, randomize_, timm_di
 from skipclick_jax import checkpoint, config_lib  # noqa: E402
 from skipclick_jax.weights import CheckpointError, mapping  # noqa: E402
 from skipclick_jax.weights.importer import import_weights  # noqa: E402
+from tests.test_convert import assert_same_state_dict  # noqa: E402
 
 PREFIX = mapping.DINOV3_PREFIX
 
@@ -41,14 +42,6 @@ def assert_parity(ref, model, size, table="dinov3_tiny"):
 
 def sd_numpy(module) -> dict[str, np.ndarray]:
     return collections.OrderedDict((k, v.detach().numpy().copy()) for k, v in module.state_dict().items())
-
-
-def assert_same_state_dict(a: dict, b: dict):
-    assert list(a) == list(b)
-    for k in a:
-        x, y = np.asarray(a[k]), np.asarray(b[k])
-        assert x.dtype == y.dtype and x.shape == y.shape, k
-        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), k
 
 
 def save_pth(path, obj):
