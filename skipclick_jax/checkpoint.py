@@ -15,6 +15,7 @@ a `CorruptCheckpointError` naming it, never loaded. train.py steps carry the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -94,6 +96,28 @@ def verify_digests(directory: str | os.PathLike, under: str | None = None) -> No
                                          "recorded when it was written (corrupted)")
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yields a new directory beside `path` to fill; when the block ends without error it takes
+    `path`'s place (an existing `path` is moved aside first and removed only after), so `path` is
+    always either its old self or complete. On error the new directory is removed, `path` untouched."""
+    path = pathlib.Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o755)
+    old = None
+    try:
+        yield tmp
+        if path.exists():
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.ConfigDict, *,
          overwrite: bool = False) -> pathlib.Path:
     """Writes `model`'s parameters and `config` (full or model section) to directory `path`.
@@ -103,19 +127,12 @@ def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.Confi
     path = pathlib.Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS, nnx.to_pure_dict(nnx.state(model)))
         checkpointer.wait_until_finished()
         (tmp / CONFIG).write_text(config_lib.config_to_json(config))
         write_digests(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

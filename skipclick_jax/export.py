@@ -23,9 +23,7 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 
 import jax
@@ -33,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skipclick_jax import config_lib
-from skipclick_jax.model import SkipClick
+from skipclick_jax.checkpoint import atomic_directory
+from skipclick_jax.model import SkipClick, layers
 from skipclick_jax.model.skipclick import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("onnx", "stablehlo")
@@ -62,6 +61,16 @@ def graph_functions(model: SkipClick, size: int):
             {"fused": fused, "skips": skips}, prev_prob, points, point_denom)
 
     return encoder, decoder, names
+
+
+def for_onnxruntime(model: SkipClick) -> SkipClick:
+    """A copy of `model` whose GroupNorms take staged statistics (`layers.GroupNorm`): the same
+    function, which onnxruntime's reductions then compute to float32 rounding."""
+    model = nnx.clone(model)
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, layers.GroupNorm):
+            m.staged_stats = True
+    return model
 
 
 def _specs(model: SkipClick, size: int, encoder, names):
@@ -118,13 +127,10 @@ def export(model: SkipClick, model_cfg, out: str | os.PathLike, *, size: int | N
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     size = int(size or model.backbone_mix.pos_grid * model.patch)
     model.check_image_size(size, size)
-    encoder, decoder, names = graph_functions(model, size)
+    encoder, decoder, names = graph_functions(for_onnxruntime(model) if fmt == "onnx" else model, size)
     enc_in, enc_out, dec_in, dec_out = _specs(model, size, encoder, names)
     ext = {"onnx": ".onnx", "stablehlo": ".stablehlo"}[fmt]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(out) as tmp:
         seconds = {}
         for name, fn, inputs, outputs in (("encoder", encoder, enc_in, enc_out),
                                           ("decoder", decoder, dec_in, dec_out)):
@@ -159,11 +165,6 @@ def export(model: SkipClick, model_cfg, out: str | os.PathLike, *, size: int | N
             model_config=json.loads(config_lib.config_to_json(model_cfg)),
         )
         (tmp / META).write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

@@ -1,5 +1,8 @@
 """Shared fixtures. Tests run on CPU; parity tests use float32 matmuls at 'highest' precision.
 
+The suite runs in pytest-xdist workers, a module per worker (`--dist loadfile`: module fixtures
+such as trained checkpoints are built once).
+
 Tests that need PyTorch or timm (the `torch` extra, Python 3.11 only) start with
 `pytest.importorskip("torch")` / `("timm")`, so without the extra they are skipped with the
 reason. With SKIPCLICK_REQUIRE_TORCH=1 (`.ci/run`'s Python 3.11 leg) a missing torch/timm is a
@@ -33,6 +36,14 @@ def pytest_configure(config):
     if REQUIRE_TORCH and missing:
         raise pytest.UsageError(f"SKIPCLICK_REQUIRE_TORCH=1 but {', '.join(missing)} cannot be imported: "
                                 f"install the torch extra (Python 3.11: pip install -e '.[torch]')")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """Workers for `-n auto` (the default, see pyproject's addopts; `-n 0` runs in one process):
+    one per core, at most 4 and one per 6 GiB of memory, since each compiles SkipClick graphs and
+    some tests start training subprocesses."""
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(os.cpu_count() or 1, 4, int(memory_gib // 6)))
 
 
 def pytest_report_header(config):

@@ -4,11 +4,13 @@ whose clicks mean something (the app's browser test, ONNX mask agreement).
 A direct loop over the project's jitted train step (click simulation, NFL loss, Adam) at crop
 112 (the main job's `configs/tiny_synthetic.py` model), one object and one positive click (its
 deepest pixel) per sample. The checkpoint is kept under pytest's cache, keyed by a hash of the
-code it depends on, so it is trained once per checkout and code state.
+code it depends on, so it is trained once per checkout and code state (under a file lock: pytest-xdist
+workers running different modules wait for the one that trains it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import pathlib
@@ -56,8 +58,10 @@ def _code_hash() -> str:
 def trained_checkpoint(cache_root: str) -> pathlib.Path:
     """A project checkpoint of the trained model under `cache_root` (trained if not there)."""
     path = pathlib.Path(cache_root) / f"tiny_trained-{_code_hash()}"
-    if not (path / "config.json").is_file():
-        _train(path)
+    with open(pathlib.Path(cache_root) / "train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").is_file():
+            _train(path)
     return path
 
 

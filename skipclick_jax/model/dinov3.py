@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from skipclick_jax.model.dinov2 import LayerScale, PatchEmbed
+from skipclick_jax.model import layers
 from skipclick_jax.model.layers import Linear, Mlp, layer_norm
 
 LN_EPS = 1e-5
@@ -92,31 +93,29 @@ class LinearKMaskedBias(Linear):
         self.bias_mask = Buffer(jnp.asarray(mask))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.kernel[...] + self.bias[...] * self.bias_mask[...].astype(self.bias[...].dtype)
+        x, kernel, bias, mask = layers.cast(self.dtype, x, self.kernel[...], self.bias[...],
+                                            self.bias_mask[...])
+        return x @ kernel + bias * mask
 
 
-class SelfAttention(nnx.Module):
-    """Multi-head attention with RoPE on the last h·w tokens of q and k (computed in float32)."""
+class SelfAttention(layers.Attention):
+    """DINOv3 attention: `layers.Attention` (the precision and attention-implementation policy)
+    with the k-masked qkv bias and RoPE on the last h·w tokens of q and k (computed in float32)."""
 
     def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, **linear_kw):
-        self.heads = heads
-        self.qkv = LinearKMaskedBias(dim, 3 * dim, rngs=rngs, **linear_kw)
-        self.proj = Linear(dim, dim, rngs=rngs, **linear_kw)
+        super().__init__(dim, heads, rngs=rngs, qkv_cls=LinearKMaskedBias, **linear_kw)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        """x [B, N, C], rope (sin, cos) [h·w, head_dim] -> [B, N, C]."""
         sin, cos = rope
-        prefix = n - sin.shape[0]
+        prefix = x.shape[1] - sin.shape[0]
 
         def apply(t):
             t32 = t.astype(jnp.float32)
             rotated = rope_apply(t32[:, prefix:], sin, cos)
             return jnp.concatenate([t32[:, :prefix], rotated], axis=1).astype(t.dtype)
 
-        out = jax.nn.dot_product_attention(apply(q), apply(k), v)
-        return self.proj(out.reshape(b, n, c))
+        return super().__call__(x, apply)
 
 
 class Block(nnx.Module):

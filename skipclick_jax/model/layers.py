@@ -27,7 +27,7 @@ REMAT_POLICIES = (  # zero-argument members of jax.checkpoint_policies
 )
 
 
-def _cast(dtype, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+def cast(dtype, *arrays: jax.Array) -> tuple[jax.Array, ...]:
     """The arrays in `dtype`; arrays already in it are returned as they are (no op)."""
     return tuple(a if a.dtype == dtype else a.astype(dtype) for a in arrays)
 
@@ -59,7 +59,7 @@ class Linear(nnx.Module):
         self.dtype = jnp.dtype(jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = _cast(self.dtype, x, self.kernel[...], self.bias[...])
+        x, kernel, bias = cast(self.dtype, x, self.kernel[...], self.bias[...])
         return x @ kernel + bias
 
 
@@ -82,7 +82,7 @@ class Conv(nnx.Module):
         self.dtype = jnp.dtype(jnp.float32)
 
     def __call__(self, x: jax.Array, channels: slice = slice(None), bias: bool = True) -> jax.Array:
-        x, kernel, shift = _cast(self.dtype, x, self.kernel[...][:, :, channels], self.bias[...])
+        x, kernel, shift = cast(self.dtype, x, self.kernel[...][:, :, channels], self.bias[...])
         k = kernel.shape[0]
         b, h, w, c = x.shape
         if k == 1:
@@ -109,7 +109,7 @@ class ConvTranspose(nnx.Module):
         self.dtype = jnp.dtype(jnp.float32)
 
     def __call__(self, x: jax.Array, channels: slice = slice(None), bias: bool = True) -> jax.Array:
-        x, kernel, shift = _cast(self.dtype, x, self.kernel[...][:, :, channels], self.bias[...])
+        x, kernel, shift = cast(self.dtype, x, self.kernel[...][:, :, channels], self.bias[...])
         b, h, w, _ = x.shape
         y = jnp.einsum("bijc,klco->bikjlo", x, kernel).reshape(b, 2 * h, 2 * w, -1)
         return y + shift if bias else y
@@ -121,9 +121,38 @@ def layer_norm(dim: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
-def group_norm(dim: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
+class GroupNorm(nnx.GroupNorm):
+    """nnx.GroupNorm with one group over (H, W, C) per sample, two-pass variance like torch.
+
+    `staged_stats` (off: nnx.GroupNorm as it is; the ONNX export switches it on) takes the mean
+    and the variance as means over W, then H, then C, equal in exact arithmetic but accurate in
+    runtimes whose reductions accumulate naively: onnxruntime's single ReduceMean over the
+    64x64x256 elements of a neck map is off by ~1e-3 of the map's scale (float32), each staged
+    one by float rounding only.
+    """
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, epsilon: float = 1e-5):
+        super().__init__(dim, num_groups=1, epsilon=epsilon, use_fast_variance=False, rngs=rngs)
+        self.staged_stats = False
+
+    def __call__(self, x: jax.Array, **kw) -> jax.Array:
+        """x [B, H, W, C] -> [B, H, W, C]."""
+        if not self.staged_stats or kw:
+            return super().__call__(x, **kw)
+        x32 = x.astype(jnp.float32)
+
+        def mean(t):
+            return t.mean(axis=2, keepdims=True).mean(axis=1, keepdims=True).mean(axis=3, keepdims=True)
+
+        mu = mean(x32)
+        centred = x32 - mu
+        y = centred * (jax.lax.rsqrt(mean(centred * centred) + self.epsilon) * self.scale[...]) + self.bias[...]
+        return y.astype(self.dtype or jnp.result_type(x.dtype, self.scale[...].dtype))
+
+
+def group_norm(dim: int, rngs: nnx.Rngs) -> GroupNorm:
     """GroupNorm(num_groups=1, eps=1e-5) over (H, W, C) per sample."""
-    return nnx.GroupNorm(dim, num_groups=1, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+    return GroupNorm(dim, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -131,13 +160,15 @@ class Attention(nnx.Module):
 
     The attention itself is `jax.nn.dot_product_attention` with `implementation` 'xla' (float32
     logits and softmax in any dtype) or 'cudnn' (flash attention: GPU, bfloat16/float16). q is
-    scaled before the product, as DINOv2 does (exact for power-of-two scales).
+    scaled before the product, as DINOv2 does (exact for power-of-two scales). `qkv_cls` is the
+    fused qkv layer's class (a Linear subclass, e.g. DINOv3's k-masked bias).
     """
 
-    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, **linear_kw):
+    def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, qkv_cls: type[Linear] | None = None,
+                 **linear_kw):
         self.heads = heads
         self.head_dim = dim // heads
-        self.qkv = Linear(dim, 3 * dim, rngs=rngs, **linear_kw)
+        self.qkv = (qkv_cls or Linear)(dim, 3 * dim, rngs=rngs, **linear_kw)
         self.proj = Linear(dim, dim, rngs=rngs, **linear_kw)
         self.dtype = jnp.dtype(jnp.float32)
         self.implementation = "xla"
@@ -150,7 +181,7 @@ class Attention(nnx.Module):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """softmax(q·k / sqrt(d)) v over [B, N, heads, d] -> [B, N, heads, d]."""
-        q, k, v = _cast(self.dtype, q, k, v)
+        q, k, v = cast(self.dtype, q, k, v)
         check_attention(self.implementation, q.dtype, q.shape[-1])
         return jax.nn.dot_product_attention(q * q.shape[-1] ** -0.5, k, v, scale=1.0,
                                             implementation=self.implementation)

@@ -134,7 +134,7 @@ def _subpixel_conv_t(layer: ConvTranspose, x: jax.Array, channels: slice = slice
     Each input pixel's 2x2 outputs stay beside it (sub-pixel index s·4 + 2a + b), so the
     matmul's output is used as it comes, without the interleaving transpose.
     """
-    x, kernel, shift = layers._cast(layer.dtype, x, layer.kernel[...][:, :, channels], layer.bias[...])
+    x, kernel, shift = layers.cast(layer.dtype, x, layer.kernel[...][:, :, channels], layer.bias[...])
     b, h, ws, _ = x.shape
     y = jnp.einsum("bijc,klco->bijklo", x, kernel).reshape(b, h, 4 * ws, -1)
     return y + shift if bias else y
