@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert_weights.torch_noc import next_click
+from convert_weights.clicker import next_click
 from skipclick_jax import config_lib, metrics, resize
 from skipclick_jax.evaluation.engine import (
     Predictor,

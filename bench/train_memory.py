@@ -9,7 +9,7 @@ lowered and compiled at each batch size; reported: XLA's temporary bytes per sam
 least-squares slope over the batches), temporaries at batch 1, argument bytes (state + batch at
 batch 1), and FLOPs per sample from `cost_analysis()` (slope). These figures are
 machine-independent but depend on the XLA version (remat does nothing on XLA:CPU of jax 0.10.2;
-use a newer jax, e.g. PYTHONPATH=. /root/.cache/skipclick-jax/scratch-py312/bin/python ...).
+use a newer jax: PYTHON=python3.12 bash scripts/setup_env.sh, then .venv/bin/python bench/...).
 The PyTorch row is a real training step of convert_weights/torch_reference.py's model (DINOv2
 frozen, Adam) in a fresh subprocess per batch size: its peak RSS (getrusage) at batches 1 and 2
 and the difference (per sample). It needs torch: `--torch-python` (default: the project's .venv).

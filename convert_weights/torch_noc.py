@@ -7,7 +7,8 @@ probability resized to S×S together (bilinear, align_corners=True), clicks mapp
 in float64 and flipped to (r', S - c' - 1), the points tensor [2, 2P, 3] float64 with
 P = max(#pos, #neg, 1), the whole network on [x, flip(x)], logits averaged, sigmoid, resized back
 (align_corners=True), thresholded at 0.49. The reference for `tests/test_eval_parity.py` and the
-PyTorch baseline of `bench/eval_speed.py`.
+PyTorch baseline of `bench/eval_speed.py`. The Clicker itself is `convert_weights/clicker.py`
+(NumPy/SciPy only).
 """
 
 from __future__ import annotations
@@ -15,23 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
-
-def next_click(gt: np.ndarray, pred: np.ndarray, not_clicked: np.ndarray) -> tuple[int, int, bool]:
-    """The Clicker: gt [H,W] in {0, 1, -1}, pred and not_clicked [H,W] bool -> (row, col, positive).
-    Marks the clicked pixel in `not_clicked`."""
-    def dt(mask):
-        return ndimage.distance_transform_edt(np.pad(mask, 1)).astype(np.float32)[1:-1, 1:-1] * not_clicked
-
-    not_ignore = gt != -1
-    fn = dt((gt == 1) & ~pred & not_ignore)
-    fp = dt((gt != 1) & pred & not_ignore)
-    positive = bool(fn.max() > fp.max())
-    d = fn if positive else fp
-    rows, cols = np.where(d == d.max())
-    not_clicked[rows[0], cols[0]] = False
-    return int(rows[0]), int(cols[0]), positive
+from convert_weights.clicker import next_click
 
 
 def points_nd(clicks: list[tuple[int, int, bool]], size: int, height: int, width: int,

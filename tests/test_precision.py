@@ -133,27 +133,31 @@ def test_unknown_settings_are_clear_errors(tiny_model):
 
 
 # ----------------------------------------------------------------------------- bfloat16
-def test_policy_sets_every_compute_layer():
-    cfg = config_lib.tiny_model_config()
+@pytest.mark.parametrize("backbone", ["dinov2", "dinov3"])
+def test_policy_sets_every_compute_layer(backbone):
+    cfg = config_lib.tiny_model_config(backbone)
     cfg.dtype = "bfloat16"
     model = nnx.eval_shape(lambda: SkipClick(cfg, rngs=nnx.Rngs(0)))
     assert model.dtype == "bfloat16" and model.head.conv_seg.dtype == jnp.float32  # f32 logits
     compute = [m for _, m in nnx.iter_modules(model)
                if hasattr(m, "dtype") and m is not model and m is not model.head.conv_seg]
-    assert {type(m).__name__ for m in compute} == {
-        "Linear", "Conv", "ConvTranspose", "Attention", "LayerNorm", "GroupNorm"}
+    kinds = (layers.Linear, layers.Conv, layers.ConvTranspose, layers.Attention, nnx.LayerNorm, nnx.GroupNorm)
+    assert all(isinstance(m, kinds) for m in compute), {type(m).__name__ for m in compute}
+    assert {k for k in kinds if any(isinstance(m, k) for m in compute)} == set(kinds)
     assert all(m.dtype == jnp.bfloat16 for m in compute)
+    backbone_attention = [m for _, m in nnx.iter_modules(model.feature_extractor) if isinstance(m, layers.Attention)]
+    assert len(backbone_attention) == 12  # every backbone block under the attention switch
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)  # master weights
 
 
-def test_bfloat16_forward_agrees_with_float32(tiny_random):
-    bf16 = nnx.clone(tiny_random)
+def _check_bfloat16_agrees(model, sizes):
+    bf16 = nnx.clone(model)
     bf16.set_precision("bfloat16")
-    for size in [(224, 224), (168, 560)]:
+    for size in sizes:
         inputs = _inputs(*size, b=2)
         with jax.default_matmul_precision("highest"):
-            ref = stages(tiny_random, *inputs)
+            ref = stages(model, *inputs)
         out = stages(bf16, *inputs)
         assert out["fused"].dtype == jnp.bfloat16
         assert out["head_logits"].dtype == out["logits"].dtype == jnp.float32
@@ -163,6 +167,28 @@ def test_bfloat16_forward_agrees_with_float32(tiny_random):
         assert np.abs(a - b).max() <= BF16_LOGIT_TOL * scale, (size, np.abs(a - b).max(), scale)
         agree = np.mean((a > np.log(0.49 / 0.51)) == (b > np.log(0.49 / 0.51)))
         assert agree >= BF16_MASK_AGREEMENT, (size, agree)
+
+
+def test_bfloat16_forward_agrees_with_float32(tiny_random):
+    _check_bfloat16_agrees(tiny_random, [(224, 224), (168, 560)])
+
+
+def test_dinov3_bfloat16_forward_agrees_with_float32():
+    model = _randomised(build_model(config_lib.tiny_model_config("dinov3"), seed=0))
+    qkv = model.feature_extractor.blocks[0].attn.qkv
+    x = jnp.ones((1, 3, qkv.kernel.shape[0]))
+    assert qkv(x).dtype == jnp.float32
+    _check_bfloat16_agrees(model, [(224, 160)])
+    layers.set_precision(qkv, "bfloat16")
+    assert qkv(x).dtype == jnp.bfloat16  # the k-masked qkv runs in the compute dtype
+
+
+def test_dinov3_cudnn_where_it_cannot_run_is_a_clear_error():
+    model = build_model(config_lib.tiny_model_config("dinov3"), seed=0)
+    model.set_precision(attention="cudnn")
+    with pytest.raises(ValueError, match="model.attention='cudnn' cannot run") as err:
+        model.encode_image(jnp.zeros((1, 64, 64, 3)))
+    assert "compute dtype is float32" in str(err.value)
 
 
 def test_switching_back_to_float32_is_exact(tiny_random):
@@ -284,9 +310,10 @@ def test_device_suite_quick_runs_every_section(tmp_path):
     assert {(x["dtype"], x["attention"]) for x in r["response"]} >= {("float32", "xla"), ("bfloat16", "xla")}
     assert all(x["encode_ms"] > 0 and x["decode_ms"] > 0 for x in r["response"] if "error" not in x)
     assert r["agree"] and all(0.0 <= x["mask_iou"] <= 1.0 and np.isfinite(x["max_abs"]) for x in r["agree"])
-    assert len(r["train"]) == 2 and all(x["runs"] and "error" not in x for x in r["train"])
-    assert [run["batch"] for run in r["train"][0]["runs"]] == [2, 4]  # batch 2, doubled once
+    assert [(x["dtype"], x["remat"]) for x in r["train"]] == [("bfloat16", "blocks")]
+    assert r["train"][0]["runs"] and "error" not in r["train"][0]
+    assert [run["batch"] for run in r["train"][0]["runs"]] == [1, 2]  # batch 1, doubled once
     assert all(np.isfinite(run["loss"]) for x in r["train"] for run in x["runs"])
-    if "error" not in r["noc"]:  # the per-sample loop's clicker needs torch
-        assert r["noc"]["clicks_identical"] and r["noc"]["loop_matches_engine"]
+    assert [row["method"] for row in r["noc"]["rows"][:2]] == ["engine batch 1", "engine batch 2"]
+    assert r["noc"]["clicks_identical"] and r["noc"]["loop_matches_engine"]
     assert "Quick response" in proc.stdout and "Train step" in proc.stdout

@@ -445,7 +445,15 @@ def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> SkipClick:
     """A freshly initialised SkipClick (spec §3 initialisation) for the `model` config section.
 
     The initialisation runs as one compiled computation (much faster than eager op-by-op init),
-    compiled once per config and process.
+    compiled once per parameter layout and process (`dtype` and `attention` only set the
+    precision policy afterwards).
     """
-    graphdef, init = _initializer(config_lib.config_to_json(cfg))
-    return nnx.merge(graphdef, init(jax.random.key(seed)))
+    shape_cfg = cfg.copy_and_resolve_references()  # compute settings do not change the parameters
+    settings = {k: shape_cfg.get(k, None) for k in ("dtype", "attention")}
+    for key, default in (("dtype", "float32"), ("attention", "xla")):
+        if key in shape_cfg:
+            shape_cfg[key] = default
+    graphdef, init = _initializer(config_lib.config_to_json(shape_cfg))
+    model = nnx.merge(graphdef, init(jax.random.key(seed)))
+    model.set_precision(**settings)
+    return model
