@@ -124,16 +124,11 @@ def _separable(x: jax.Array, taps_h, taps_w, h_axis: int, xp=None) -> jax.Array:
             out = term if out is None else out + term
         return out
 
-    def width(rows):
-        return along(rows, taps_w, w_axis, (-1, *trailing))
-
-    idx_h, wts_h = taps_h
-    out = None
-    for t in range(idx_h.shape[1]):
-        rows = width(xp.take(x, xp.asarray(idx_h[:, t]), axis=h_axis))
-        term = rows * xp.asarray(wts_h[:, t]).reshape((-1, 1, *trailing))
-        out = term if out is None else out + term
-    return out
+    # Width pass on every row, then the height taps: each output is the same sums in the same
+    # order as gathering rows first (the width pass treats rows independently), with
+    # taps_h + taps_w gathers instead of taps_h · taps_w.
+    rows = along(x, taps_w, w_axis, (-1, *trailing))
+    return along(rows, taps_h, h_axis, (-1, 1, *trailing))
 
 
 def _resize(x, size, taps_fn, channels_last, xp=None):
