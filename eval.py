@@ -119,12 +119,13 @@ def main(argv=None) -> dict:
 def _main(args, overrides, datasets) -> dict:
     from skipclick_jax import checkpoint, config_lib
     from skipclick_jax.data import builders
-    from skipclick_jax.runtime import enable_compilation_cache
+    from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 
     for name, path in datasets.items():  # cheap checks first; the layouts are read below
         if name != "Synthetic" and not builders.resolve_root(path, name).is_dir():
             raise FileNotFoundError(f"--dataset {name}={path}: folder does not exist")
     enable_compilation_cache()
+    reuse_large_buffers()
 
     given = None
     if args.config:

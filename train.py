@@ -36,7 +36,7 @@ from skipclick_jax.data.synthetic import SyntheticConfig
 from skipclick_jax.data.train_datasets import load_train_source
 from skipclick_jax.evaluation.evaluate import evaluate
 from skipclick_jax.model import build_model
-from skipclick_jax.runtime import enable_compilation_cache
+from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
 from skipclick_jax.train.summary import Writer, preview_image
 
@@ -280,6 +280,7 @@ def main(argv):
     distributed.configure_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     enable_compilation_cache()
+    reuse_large_buffers()
     try:
         train_and_evaluate(cfg, flags.FLAGS.workdir, flags.FLAGS["init-from"].value,
                            flags.FLAGS["log-batch-hashes"].value)

@@ -1,18 +1,23 @@
 """Quick-response benchmark: encode and per-click decode, part by part, against the matmul peak.
 
     python bench/model_speed.py [--config configs/skipclick.py] [--size 448] [--repeats 10] [--torch]
+                                [--no-reuse-buffers] [--single-thread]
 
 For one image of the config's model it prints a table of the jitted parts (XLA's FLOP count,
 median ms after a warm-up, GFLOP/s): encode_image (once per image), decode_clicks (per click)
 and its parts (click embedding, EncoderStack, neck, head, final resize), the unsplit forward,
-then the float32 matmul peak of this process (a large square matmul timed the same way) and
-the share of it that decode_clicks reaches.
+one backbone block's attention core two ways (`jax.nn.dot_product_attention`'s xla
+implementation, and `layers.heads_first_attention`, what the model runs on CPU), then the
+float32 matmul peak of this process (a large square matmul timed the same way) and the share
+of it that decode_clicks reaches. The process runs with `runtime.reuse_large_buffers()` (as the
+app, the demo, eval.py and train.py do) unless `--no-reuse-buffers`.
 
 `--torch` also times `convert_weights/torch_reference.py` holding the same weights, interleaved
 with the JAX runs (one JAX call, then the torch call, per repeat), so the ratios hold on a
 loaded machine. Its paths follow the original's split (spec §5.5): `set_image` = normalise +
 DINOv2 taps; `apply_click` = fuse Linear (recomputed per click, as the original does) + click
-disks + patch embedding + EncoderStack + neck + head + align_corners=True resize.
+disks + patch embedding + EncoderStack + neck + head + align_corners=True resize. Its attention
+core rows are torch's fused `scaled_dot_product_attention` (timm's DINOv2 blocks use it).
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
 from skipclick_jax import config_lib, resize  # noqa: E402
-from skipclick_jax.model import build_model, decode_fn, encode_fn  # noqa: E402
-from skipclick_jax.runtime import versions_line  # noqa: E402
+from skipclick_jax.model import build_model, decode_fn, encode_fn, layers  # noqa: E402
+from skipclick_jax.runtime import reuse_large_buffers, versions_line  # noqa: E402
 
 PEAK_N = 2048  # the peak matmul: [N, N] @ [N, N] float32
 
@@ -83,7 +88,28 @@ def jax_parts(model, images, prev, points):
     return parts
 
 
-def torch_parts(ref, images, prev, points):
+ATTENTION_CORES = ("attention core: jax.nn.dot_product_attention", "attention core: heads-first")
+
+
+def attention_parts(qkv) -> dict:
+    """One block's attention core on q, k, v [B, N, heads, d], in the `jax_parts` format."""
+    fns = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+           lambda q, k, v: layers.heads_first_attention(q * q.shape[-1] ** -0.5, k, v))
+    parts = {}
+    for name, fn in zip(ATTENTION_CORES, fns):
+        compiled = jax.jit(fn).lower(*qkv).compile()
+        parts[name] = (compiled, qkv, flops(compiled) / 1e9)
+    return parts
+
+
+def backbone_qkv(bb, size: int):
+    """Random q, k, v [1, N, heads, d] of a backbone block (config `bb`) at `size`x`size`."""
+    tokens = (size // bb.patch) ** 2 + 1 + bb.num_registers
+    keys = jax.random.split(jax.random.key(2), 3)
+    return tuple(jax.random.normal(key, (1, tokens, bb.heads, bb.dim // bb.heads)) for key in keys)
+
+
+def torch_parts(ref, images, prev, points, qkv):
     """{part: zero-argument callable} of the torch reference, the original's split (docstring)."""
     import torch
     import torch.nn.functional as F
@@ -121,6 +147,11 @@ def torch_parts(ref, images, prev, points):
         pyramid = ref.neck(grid(x), [grid(t) for t in taps])
         low = ref.head(pyramid)
 
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    qkv_t = [torch.from_numpy(np.array(t)).transpose(1, 2).contiguous() for t in qkv]
+
     def nograd(fn, *args):
         def call():
             with torch.no_grad():
@@ -138,6 +169,7 @@ def torch_parts(ref, images, prev, points):
         "head": nograd(ref.head, pyramid),
         "final resize": nograd(lambda: F.interpolate(low, size=(h, w), mode="bilinear",
                                                      align_corners=True)),
+        **{name: nograd(sdpa, *qkv_t) for name in ATTENTION_CORES},
     }
 
 
@@ -164,7 +196,10 @@ def main(argv=None) -> None:
                         help="time the PyTorch reference (same weights) interleaved, for the ratios")
     parser.add_argument("--single-thread", action="store_true",
                         help="XLA and torch on one compute thread each: steadier ratios on a loaded machine")
+    parser.add_argument("--no-reuse-buffers", action="store_true",
+                        help="leave glibc's malloc as it is (see skipclick_jax.runtime.reuse_large_buffers)")
     args = parser.parse_args(argv)
+    reused = False if args.no_reuse_buffers else reuse_large_buffers()
     if args.single_thread:
         if jax._src.xla_bridge.backends_are_initialized():
             raise RuntimeError("--single-thread must be set before JAX initialises its backend")
@@ -195,11 +230,12 @@ def main(argv=None) -> None:
         model = build_model(cfg)
 
     with jax.default_matmul_precision(args.precision):
-        parts = jax_parts(model, images, prev, points)
+        qkv = backbone_qkv(cfg.backbone, s)
+        parts = {**jax_parts(model, images, prev, points), **attention_parts(qkv)}
         fns = {name: (lambda c=c, a=a: jax.block_until_ready(c(*a))) for name, (c, a, _) in parts.items()}
         fns.update(matmul_peak(args.torch))
         if args.torch:
-            fns.update({f"torch {k}": v for k, v in torch_parts(ref, images, prev, points).items()})
+            fns.update({f"torch {k}": v for k, v in torch_parts(ref, images, prev, points, qkv).items()})
         ms = interleaved_medians(fns, args.repeats)
 
     peak = 2 * PEAK_N**3 / 1e9 / (ms["matmul peak"] / 1e3)
@@ -208,7 +244,7 @@ def main(argv=None) -> None:
     print(f"config {pathlib.Path(args.config).name} at {s}x{s}, batch 1, jax {jax.__version__}, "
           f"backend {jax.default_backend()} ({jax.device_count()} device(s), {os.cpu_count()} CPUs), "
           f"precision {args.precision}, XLA on {'1 thread' if args.single_thread else 'all cores'}, "
-          f"median of {args.repeats}"
+          f"median of {args.repeats}, large buffers {'reused' if reused else 'not reused'}"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if args.torch else "")
           + f"; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     header = "| part | GFLOP | JAX ms | GFLOP/s | share of peak |"

@@ -288,9 +288,10 @@ def main(argv=None) -> None:
     else:
         from skipclick_jax.demo import load_model
         from skipclick_jax.predictor import Predictor
-        from skipclick_jax.runtime import enable_compilation_cache
+        from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 
         enable_compilation_cache()
+        reuse_large_buffers()
         model, description = load_model(args.checkpoint, args.config)
         predictor = Predictor(model)
     print(f"model: {description}", flush=True)

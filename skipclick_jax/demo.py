@@ -19,7 +19,7 @@ from PIL import Image
 from skipclick_jax import config_lib
 from skipclick_jax.model import build_model
 from skipclick_jax.predictor import Predictor
-from skipclick_jax.runtime import enable_compilation_cache
+from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 from skipclick_jax.visualize import overlay
 
 ASSET = pathlib.Path(__file__).parent / "assets" / "demo.png"
@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="out/demo")
     args = parser.parse_args(argv)
     enable_compilation_cache()
+    reuse_large_buffers()
 
     model, description = load_model(args.checkpoint, args.config)
     print(f"model: {description}")

@@ -93,6 +93,30 @@ def test_xla_attention_equals_einsum_attention(shape):
     assert float(jnp.max(jnp.abs(new - old))) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-6), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("shape", [(2, 261, 3, 32), (1, 1029, 12, 64)])
+def test_heads_first_attention_equals_dot_product_attention(shape, dtype, atol):
+    """The CPU path computes what jax.nn.dot_product_attention's xla implementation computes:
+    float32 within 1e-6; bfloat16 (float32 logits and softmax, bfloat16 probabilities) within
+    bfloat16 rounding of the unit-scale outputs."""
+    q, k, v = (jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.key(3), 3))
+    q = q * shape[-1] ** -0.5  # as Attention.attend scales it
+    with jax.default_matmul_precision("highest"):
+        ours = jax.jit(layers.heads_first_attention)(q, k, v)
+        library = jax.jit(lambda *a: jax.nn.dot_product_attention(*a, scale=1.0, implementation="xla"))(q, k, v)
+    assert ours.dtype == library.dtype == jnp.dtype(dtype)
+    err = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - library.astype(jnp.float32))))
+    assert err <= atol, err
+
+
+def test_xla_attention_on_cpu_runs_heads_first():
+    attn = layers.Attention(96, 3, rngs=nnx.Rngs(0))
+    q, k, v = (jax.random.normal(key, (2, 37, 3, 32)) for key in jax.random.split(jax.random.key(4), 3))
+    assert jax.default_backend() == "cpu"
+    np.testing.assert_array_equal(jax.jit(attn.attend)(q, k, v),
+                                  jax.jit(layers.heads_first_attention)(q * 32 ** -0.5, k, v))
+
+
 def test_attention_rope_applies_to_q_and_k_only():
     attn = layers.Attention(48, 4, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 10, 48))
