@@ -147,9 +147,6 @@ def torch_parts(ref, images, prev, points, qkv):
         pyramid = ref.neck(grid(x), [grid(t) for t in taps])
         low = ref.head(pyramid)
 
-    def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
-
     qkv_t = [torch.from_numpy(np.array(t)).transpose(1, 2).contiguous() for t in qkv]
 
     def nograd(fn, *args):
@@ -169,7 +166,7 @@ def torch_parts(ref, images, prev, points, qkv):
         "head": nograd(ref.head, pyramid),
         "final resize": nograd(lambda: F.interpolate(low, size=(h, w), mode="bilinear",
                                                      align_corners=True)),
-        **{name: nograd(sdpa, *qkv_t) for name in ATTENTION_CORES},
+        **{name: nograd(F.scaled_dot_product_attention, *qkv_t) for name in ATTENTION_CORES},
     }
 
 

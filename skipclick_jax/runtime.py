@@ -26,6 +26,11 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> pathlib.P
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
+def has_glibc() -> bool:
+    """Whether this process runs on Linux with glibc (what `reuse_large_buffers` tunes)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def reuse_large_buffers() -> bool:
     """Makes glibc keep freed blocks of up to 64 MiB for reuse instead of unmapping them, for this
     process (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB); True if applied.
@@ -33,13 +38,12 @@ def reuse_large_buffers() -> bool:
     XLA:CPU allocates each execution's buffers anew. glibc maps any block above its mmap
     threshold (at most 32 MiB) freshly and unmaps it on free, so every call of a jitted function
     with large temporaries page-faults them in again (a ViT-B block at 448 has 51 MiB of attention
-    scores). Measured on a 2-core CPU (bench/model_speed.py, --no-reuse-buffers for the default):
-    the SkipClick encode at 448 1.88 -> 1.47 s and the per-click decode 856 -> 717 ms, minor page
-    faults per call 220k -> 19k and 100k -> 23k, for ~100 MiB more resident heap. Blocks above
-    64 MiB allocated by worker threads are still mapped per call (glibc's per-thread heaps are at
-    most 64 MiB). A no-op returning False where the C library is not glibc.
+    scores). The SkipClick encode and per-click decode get ~1.2x faster on CPU for ~100 MiB more
+    resident heap (README, "Quick response"; bench/model_speed.py --no-reuse-buffers compares).
+    Blocks above 64 MiB allocated by worker threads are still mapped per call (glibc's per-thread
+    heaps are at most 64 MiB). A no-op returning False where the C library is not glibc.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc():
         return False
     libc = ctypes.CDLL("libc.so.6")
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))

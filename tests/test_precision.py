@@ -109,12 +109,25 @@ def test_heads_first_attention_equals_dot_product_attention(shape, dtype, atol):
     assert err <= atol, err
 
 
-def test_xla_attention_on_cpu_runs_heads_first():
+def test_xla_attention_runs_heads_first_on_cpu_only(monkeypatch):
+    """On the CPU backend 'xla' never reaches jax.nn.dot_product_attention; elsewhere it does,
+    with q already scaled."""
     attn = layers.Attention(96, 3, rngs=nnx.Rngs(0))
     q, k, v = (jax.random.normal(key, (2, 37, 3, 32)) for key in jax.random.split(jax.random.key(4), 3))
+    library = jax.nn.dot_product_attention
+    calls = []
+
+    def recording(*args, **kw):
+        calls.append(kw)
+        return library(*args, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
     assert jax.default_backend() == "cpu"
-    np.testing.assert_array_equal(jax.jit(attn.attend)(q, k, v),
-                                  jax.jit(layers.heads_first_attention)(q * 32 ** -0.5, k, v))
+    np.testing.assert_array_equal(attn.attend(q, k, v), layers.heads_first_attention(q * 32 ** -0.5, k, v))
+    assert calls == []
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    np.testing.assert_array_equal(attn.attend(q, k, v), library(q * 32 ** -0.5, k, v, scale=1.0))
+    assert calls == [{"scale": 1.0, "implementation": "xla"}]
 
 
 def test_attention_rope_applies_to_q_and_k_only():

@@ -1,7 +1,6 @@
 """skipclick_jax.runtime: the version header of benchmarks, XLA's memory estimate, read the
 same way on every supported jax, and the reuse of large host buffers."""
 
-import platform
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from skipclick_jax.runtime import compiled_memory, versions_line
+from skipclick_jax.runtime import compiled_memory, has_glibc, versions_line
 
 
 def test_versions_line_names_the_stack():
@@ -49,8 +48,7 @@ print(applied, min(faults[1:]))
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="reuse_large_buffers changes glibc's malloc only")
+@pytest.mark.skipif(not has_glibc(), reason="reuse_large_buffers changes glibc's malloc only")
 def test_reuse_large_buffers_keeps_freed_blocks_mapped():
     """By default every 48 MiB block is mapped afresh and page-faulted in; after
     reuse_large_buffers the second and later ones reuse the first one's pages."""
