@@ -218,7 +218,7 @@ def _train_iterator(cfg):
     """The grain iterator of this process's part of each global batch."""
     d = cfg.data
     source = load_train_source(d.name, d.root or None, d.split, d.data_dir or None,
-                               synthetic=SyntheticConfig(**d.synthetic))
+                               synthetic=SyntheticConfig(**d.synthetic), options=d)
     ds = train_dataset(
         source, crop_size=cfg.model.crop_size, batch_size=cfg.train.batch_size // jax.process_count(),
         seed=cfg.train.seed, num_workers=d.num_workers, epoch_len=d.epoch_len,
@@ -244,7 +244,8 @@ def _eval_datasets(cfg) -> dict:
             out[name] = load_eval_dataset(name, data_dir=d.data_dir or None,
                                           synthetic=SyntheticConfig(**d.synthetic))
         elif d.eval_roots.get(name):
-            out[name] = load_eval_dataset(name, d.eval_roots[name], data_dir=d.data_dir or None)
+            out[name] = load_eval_dataset(name, d.eval_roots[name], data_dir=d.data_dir or None,
+                                          options=d)
         else:
             log.warning("eval dataset %s skipped: no folder in data.eval_roots.%s", name, name)
     return out

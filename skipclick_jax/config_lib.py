@@ -277,6 +277,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     naming the key and the value. Returns `cfg`."""
     import dataclasses
 
+    from skipclick_jax.data.custom_datasets import CustomOptions
     from skipclick_jax.data.eval_datasets import EVAL_DATASETS
     from skipclick_jax.data.synthetic import SyntheticConfig
     from skipclick_jax.data.train_datasets import TRAIN_DATASETS, TRAIN_SPLITS
@@ -331,6 +332,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         for name in tuple(d.eval_datasets):
             _check(name in EVAL_DATASETS, "data.eval_datasets", tuple(d.eval_datasets),
                    f"{name!r} is not one of {EVAL_DATASETS}")
+    try:
+        CustomOptions.from_config(d)
+    except ValueError as e:
+        raise ConfigError(f"config value {e}") from None
     try:
         SyntheticConfig(**dict(d.get("synthetic", {})))
     except (TypeError, ValueError) as e:

@@ -14,6 +14,7 @@ cv2 to uint8), 'gt' int8 [H,W] in {0, 1, -1}.
 Train record (one per image): 'id' str, 'image' file bytes, 'layers' uint8 [H,W,L],
 'objects' int32 [K,2] rows (layer, local id), 'parents' int32 [K] (-1 = root),
 'num_instance_masks' int32 (objects with index >= it are stuff regions).
+Custom train record (COCO / ImageMasks): a train record plus 'ignore' uint8 [H,W] (1 = ignore).
 """
 
 from __future__ import annotations
@@ -114,6 +115,16 @@ class SkipclickTrain(_Builder):
         }
 
 
+class SkipclickTrainCustom(SkipclickTrain):
+    """Train records plus 'ignore' uint8 [H,W] (1 = ignore region), for COCO / ImageMasks."""
+
+    def _features(self) -> dict:
+        return {
+            **super()._features(),
+            "ignore": tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=_ZLIB),
+        }
+
+
 def config_name(name: str, split: str, *key: object) -> str:
     """TFDS config name '<name as [a-z0-9_]>-<split>-<12 hex digits of (name, split, *key)>'."""
     digest = hashlib.sha1(repr((name, split, *key)).encode()).hexdigest()[:12]
@@ -159,10 +170,11 @@ def build_source(
     """Builds (first call only) and opens one split as an `ArrayRecordDataSource`.
 
     data_dir None or '' means `DEFAULT_DATA_DIR`.
-    kind: 'eval' or 'train'. config_name: unique to the content (see `config_name`).
+    kind: 'eval', 'train' or 'train_custom'. config_name: unique to the content (see `config_name`).
     examples: called only when the build does not exist yet.
     """
-    builder_cls = {"eval": SkipclickEval, "train": SkipclickTrain}[kind]
+    builder_cls = {"eval": SkipclickEval, "train": SkipclickTrain,
+                   "train_custom": SkipclickTrainCustom}[kind]
     data_dir = pathlib.Path(data_dir or DEFAULT_DATA_DIR).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / f".{kind}-{config_name}.lock", "w") as lock:

@@ -25,7 +25,8 @@ from skipclick_jax.data.points_sampler import MultiPointSampler, select_stuff
 class TrainSample:
     """Maps a global sample index to a training example (picklable).
 
-    Returns {'image': uint8 [S, S, 3], 'points': float32 [2N, 3], 'gt': float32 [S, S]}.
+    Returns {'image': uint8 [S, S, 3], 'points': float32 [2N, 3], 'gt': float32 [S, S]}; gt is
+    -1 on a record's ignore regions (its optional 'ignore' bool [H, W]) outside the target.
     """
 
     source: Any
@@ -39,9 +40,11 @@ class TrainSample:
         record = self.source[int(rng.integers(len(self.source)))]
         objects, parents = select_stuff(record['objects'], record['parents'],
                                         record['num_instance_masks'], self.stuff_prob, rng)
-        image, layers, objects, parents = self.augmenter(
-            record['image'], record['layers'], objects, parents, rng)
+        image, layers, objects, parents, ignore = self.augmenter.augment(
+            record['image'], record['layers'], objects, parents, rng, ignore=record.get('ignore'))
         points, gt = self.sampler(layers, objects, parents, rng)
+        if ignore is not None:
+            gt[ignore & (gt == 0)] = -1
         return {'image': image, 'points': points, 'gt': gt}
 
 

@@ -54,6 +54,9 @@ def data_defaults() -> ml_collections.ConfigDict:
     the 'Synthetic' train and eval sets). `eval_datasets` are evaluated (NoC) after training;
     `eval_roots` maps each of them (except 'Synthetic') to its folder; one without a folder is
     skipped with a warning (set e.g. --config.data.eval_roots.GrabCut=/data/GrabCut).
+    `mask_mode`, `ignore_value`, `categories` and `min_annotation_area` say how the user's own
+    'COCO' (root: an instances JSON) and 'ImageMasks' (root: a folder) datasets are read
+    (data.custom_datasets.CustomOptions); their eval roots are `eval_roots.COCO` / `.ImageMasks`.
     """
     return ml_collections.ConfigDict(
         dict(
@@ -77,7 +80,11 @@ def data_defaults() -> ml_collections.ConfigDict:
                 negative_probs=(0.1, 0.4, 0.5),  # background, other objects, border
             ),
             synthetic={},
+            mask_mode="binary",  # ImageMasks <stem>.png: 'binary' (one object) or 'instances'
+            ignore_value=-1,  # ImageMasks mask value marking ignore regions (-1: none)
+            categories=(),  # COCO category names or ids to keep (empty: all)
+            min_annotation_area=0,  # COCO / ImageMasks objects with fewer pixels are skipped
             eval_datasets=EVAL_DATASETS,
-            eval_roots={name: "" for name in EVAL_DATASETS},
+            eval_roots={name: "" for name in (*EVAL_DATASETS, "COCO", "ImageMasks")},
         )
     )
