@@ -174,3 +174,44 @@ def write_instance_masks(root) -> dict:
     Image.fromarray(labels16).save(root / "masks" / "q.png")
     objects["q"], ignore["q"] = [m1, m2], np.zeros((h, w), bool)
     return {"objects": objects, "ignore": ignore}
+
+
+def write_shapes(root, num_images: int, seed: int, h: int = 96, w: int = 128,
+                 coco: bool = False) -> int:
+    """An easy ImageMasks folder: 1-2 bright, differently coloured discs or boxes per image on a
+    dark noisy background, masks/<stem>_<k>.png per object (and, with `coco`,
+    <root>/annotations.json in COCO format over the same images and objects, RLE). Returns the
+    number of objects."""
+    root = pathlib.Path(root)
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    count = 0
+    for i in range(num_images):
+        image = rng.integers(0, 40, size=(h, w, 3)).astype(np.uint8)
+        taken = np.zeros((h, w), bool)
+        stem = f"img{i:03d}"
+        for k in range(1 + int(rng.integers(2))):
+            for _ in range(20):
+                size = int(rng.integers(14, 28))
+                cy, cx = int(rng.integers(size, h - size)), int(rng.integers(size, w - size))
+                m = (disk(h, w, cy, cx, size * 0.8) if rng.random() < 0.5
+                     else rect(h, w, cy - size // 2, cx - size, cy + size // 2, cx + size))
+                if not (m & taken).any():
+                    break
+            else:
+                continue
+            taken |= m
+            image[m] = rng.integers(150, 256, size=3)
+            (root / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / "masks" / f"{stem}_{k + 1}.png")
+            count += 1
+            annotations.append({"id": count, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                                "segmentation": rle_compressed(m), "area": int(m.sum()),
+                                "bbox": [0, 0, 1, 1]})
+        write_rgb(root / "images" / f"{stem}.png", image)
+        images.append({"id": i + 1, "file_name": f"{stem}.png", "height": h, "width": w})
+    if coco:
+        (root / "annotations.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations,
+             "categories": [{"id": 1, "name": "shape"}]}))
+    return count
