@@ -326,7 +326,8 @@ def _coco(path: pathlib.Path, options: CustomOptions, skipped: Skipped) -> Itera
     from pycocotools import mask as mask_utils
 
     if not path.is_file():
-        raise fd.LayoutError(f"COCO: annotation file {path} does not exist (expected {COCO_LAYOUT})")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise fd.LayoutError(f"COCO: annotation file {path} {what} (expected {COCO_LAYOUT})")
     coco = _coco_json(path)
     keep_categories = _category_filter(coco, path, options.categories)
     known_categories = {c["id"] for c in coco["categories"]}
@@ -423,16 +424,19 @@ def pack_layers(masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 def train_examples(name: str, root: pathlib.Path, options: CustomOptions) -> Iterator[dict]:
     """Train records (`builders` train_custom schema) of every image with objects."""
+    from skipclick_jax.data.builders import pack_array
+
     for item in read_custom(name, root, options):
         layers, objects = pack_layers(item.masks)
         yield {
             "id": item.id,
             "image": item.data,
-            "layers": layers,
+            "layers": pack_array(layers),
+            "layers_shape": np.asarray(layers.shape, np.int32),
             "objects": objects,
             "parents": np.full(len(objects), -1, np.int32),
             "num_instance_masks": len(objects),
-            "ignore": item.ignore.astype(np.uint8),
+            "ignore": pack_array(item.ignore) if item.ignore.any() else b"",
         }
 
 
@@ -451,14 +455,6 @@ def cache_key(name: str, root: pathlib.Path, options: CustomOptions) -> tuple:
 
     folder = root.parent if name == "COCO" else root
     return (str(root), *builders.folder_key(folder), dataclasses.astuple(options))
-
-
-def check_root(name: str, root: pathlib.Path) -> None:
-    """Early check of a root given on a command line: COCO needs a JSON file, ImageMasks a folder."""
-    if name == "COCO" and not root.is_file():
-        raise FileNotFoundError(f"COCO: annotation file {root} does not exist (expected {COCO_LAYOUT})")
-    if name == "ImageMasks" and not root.is_dir():
-        raise FileNotFoundError(f"ImageMasks: folder {root} does not exist (expected {IMAGE_MASKS_LAYOUT})")
 
 
 def custom_data_defaults(data: Mapping | None):

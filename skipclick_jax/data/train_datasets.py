@@ -105,7 +105,10 @@ def decode_train_record(record: dict) -> dict:
     """Stored train record -> decoded sample (see `TrainSource`)."""
     sample_id = record["id"].decode() if isinstance(record["id"], bytes) else record["id"]
     image = fd.decode_rgb(record["image"], sample_id)
-    layers = np.asarray(record["layers"], np.uint8)
+    if "layers_shape" in record:  # COCO / ImageMasks (builders.SkipclickTrainCustom)
+        layers = builders.unpack_array(record["layers"], record["layers_shape"], f"layers of {sample_id}")
+    else:
+        layers = np.asarray(record["layers"], np.uint8)
     fd.check_same_hw(layers.shape, image.shape, f"layers of {sample_id}", sample_id)
     sample = {
         "id": sample_id,
@@ -115,11 +118,9 @@ def decode_train_record(record: dict) -> dict:
         "parents": np.asarray(record["parents"], np.int32),
         "num_instance_masks": int(record["num_instance_masks"]),
     }
-    if "ignore" in record:
-        ignore = np.asarray(record["ignore"]).view(bool)
-        fd.check_same_hw(ignore.shape, image.shape, f"ignore of {sample_id}", sample_id)
-        if ignore.any():
-            sample["ignore"] = ignore
+    if "ignore" in record and len(record["ignore"]):
+        sample["ignore"] = builders.unpack_array(record["ignore"], layers.shape[:2],
+                                                 f"ignore of {sample_id}").view(bool)
     return sample
 
 
