@@ -6,6 +6,7 @@ polygons, crowd regions, palette and 16-bit instance PNGs, ignore values).
 
 import json
 import logging
+import pathlib
 import shutil
 
 import numpy as np
@@ -18,6 +19,8 @@ from skipclick_jax.data.augment import Augmenter
 from skipclick_jax.data.folder_datasets import LayoutError
 from skipclick_jax.data.pipeline import TrainSample
 from tests import custom_data_fixtures as fx
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def records(source):
@@ -244,3 +247,33 @@ def test_rebuilt_when_a_file_changes(tmp_path):
     assert len(load_eval_dataset("ImageMasks", root, tmp_path / "tfds")) == 3
     (root / "masks" / "two_2.png").unlink()
     assert len(load_eval_dataset("ImageMasks", root, tmp_path / "tfds")) == 2
+
+
+def test_roots_are_checked_before_any_build(tmp_path, coco):
+    info, root = coco
+    with pytest.raises(LayoutError, match="annotation file .*none.json does not exist"):
+        load_train_source("COCO", tmp_path / "none.json", data_dir=tmp_path / "tfds")
+    with pytest.raises(LayoutError, match="is a folder, not a file"):
+        load_eval_dataset("COCO", root, tmp_path / "tfds")
+    with pytest.raises(LayoutError, match="ImageMasks: dataset root folder .*nowhere does not exist"):
+        load_eval_dataset("ImageMasks", tmp_path / "nowhere", tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_config_keys_and_validation():
+    from skipclick_jax import config_lib
+
+    cfg = config_lib.load_config_file(ROOT / "configs" / "finetune.py")
+    assert cfg.data.eval_datasets == ("COCO", "ImageMasks") and cfg.model.backbone.frozen
+    assert set(cfg.data.eval_roots) >= {"COCO", "ImageMasks", "GrabCut"}
+    cfg.data.update(name="COCO", mask_mode="instances", ignore_value=255, categories=("person", 3))
+    config_lib.validate_config(cfg)
+    for key, value, match in (("mask_mode", "rgb", "data.mask_mode='rgb'"),
+                              ("ignore_value", 0, "background"),
+                              ("min_annotation_area", -1, "min_annotation_area")):
+        bad = config_lib.load_config_file(ROOT / "configs" / "finetune.py")
+        bad.data[key] = value
+        with pytest.raises(config_lib.ConfigError, match=match):
+            config_lib.validate_config(bad)
+    opts = cd.CustomOptions.from_config(cd.custom_data_defaults({"mask_mode": "instances"}))
+    assert opts == cd.CustomOptions(mask_mode="instances")

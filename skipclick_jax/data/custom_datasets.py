@@ -457,6 +457,16 @@ def cache_key(name: str, root: pathlib.Path, options: CustomOptions) -> tuple:
     return (str(root), *builders.folder_key(folder), dataclasses.astuple(options))
 
 
+def require_root(name: str, root: pathlib.Path) -> None:
+    """Checks, before any build, that a COCO root is a file and an ImageMasks root a folder."""
+    if name == "COCO" and not root.is_file():
+        what = "is a folder, not a file" if root.is_dir() else "does not exist"
+        raise fd.LayoutError(f"COCO: annotation file {root} {what} (expected {COCO_LAYOUT})")
+    if name == "ImageMasks" and not root.is_dir():
+        raise fd.LayoutError(f"ImageMasks: dataset root folder {root} does not exist (expected "
+                             f"{IMAGE_MASKS_LAYOUT})")
+
+
 def custom_data_defaults(data: Mapping | None):
     """A copy of a `data` config section with the `CustomOptions` keys it lacks set to their
     defaults (configs saved before these keys existed), as an `ml_collections.ConfigDict`."""

@@ -64,6 +64,7 @@ def load_eval_dataset(
         config = builders.config_name(name, "val", cfg)
     elif name in cd.CUSTOM_DATASETS:
         path = builders.resolve_root(root, name)
+        cd.require_root(name, path)
         opts = options if isinstance(options, cd.CustomOptions) else cd.CustomOptions.from_config(options)
         examples = functools.partial(cd.eval_examples, name, path, opts)
         config = builders.config_name(name, "val", *cd.cache_key(name, path, opts))

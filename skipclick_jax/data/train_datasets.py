@@ -89,6 +89,7 @@ def load_train_source(
         config = builders.config_name(name, split, cfg)
     elif name in cd.CUSTOM_DATASETS:
         path = builders.resolve_root(root, name)
+        cd.require_root(name, path)
         opts = options if isinstance(options, cd.CustomOptions) else cd.CustomOptions.from_config(options)
         examples = functools.partial(cd.train_examples, name, path, opts)
         config = builders.config_name(name, "train", *cd.cache_key(name, path, opts))
