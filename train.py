@@ -29,6 +29,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from skipclick_jax import checkpoint, config_lib, distributed
+from skipclick_jax.data.custom_datasets import eval_dataset_names
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.pipeline import make_global_batch, train_dataset
 from skipclick_jax.data.points_sampler import MultiPointSampler
@@ -239,7 +240,7 @@ def _eval_datasets(cfg) -> dict:
     """name -> samples for evaluate(), each folder read (and its layout checked) now, before
     training; datasets without a folder are skipped (warning)."""
     d, out = cfg.data, {}
-    for name in d.eval_datasets:
+    for name in eval_dataset_names(d):  # eval_datasets + COCO / ImageMasks given an eval root
         if name == "Synthetic":
             out[name] = load_eval_dataset(name, data_dir=d.data_dir or None,
                                           synthetic=SyntheticConfig(**d.synthetic))

@@ -173,6 +173,11 @@ def _coco_copy(coco, tmp_path, edit):
     return dst / "annotations.json"
 
 
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) * 3 // 4])  # the header stays readable
+
+
 def _first(data, image_id):
     return next(a for a in data["annotations"] if a["image_id"] == image_id)
 
@@ -183,6 +188,8 @@ def _first(data, image_id):
     (lambda d, r: d["annotations"][0].update(category_id=7), "annotation id 101 has unknown category_id 7"),
     (lambda d, r: (r / "images" / "a.jpg").unlink(), "image id 1 file_name 'a.jpg': missing"),
     (lambda d, r: (r / "images" / "a.jpg").write_bytes(b"not a jpeg"), "a.jpg"),
+    (lambda d, r: _truncate(r / "images" / "a.jpg"),
+     r"COCO: cannot decode image .*a.jpg: image file is truncated"),
     (lambda d, r: d["images"][0].update(height=47), r"a.jpg is 48x80 \(HxW\) but the JSON says 47x80"),
     (lambda d, r: d["images"].append(dict(d["images"][0], id=77)), "duplicate file_name 'a.jpg'"),
     (lambda d, r: d.update(annotations=[]), "holds no usable object"),
@@ -258,6 +265,12 @@ def test_roots_are_checked_before_any_build(tmp_path, coco):
     with pytest.raises(LayoutError, match="ImageMasks: dataset root folder .*nowhere does not exist"):
         load_eval_dataset("ImageMasks", tmp_path / "nowhere", tmp_path / "tfds")
     assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.array_record*"))
+
+
+def test_custom_eval_sets_with_a_root_are_evaluated_after_training():
+    cfg = {"eval_datasets": ("GrabCut",), "eval_roots": {"GrabCut": "", "COCO": "v.json", "ImageMasks": ""}}
+    assert cd.eval_dataset_names(cfg) == ("GrabCut", "COCO")
+    assert cd.eval_dataset_names({**cfg, "eval_datasets": ("COCO",)}) == ("COCO",)
 
 
 def test_config_keys_and_validation():

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 import pathlib
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -140,6 +142,22 @@ def read_custom(name: str, root: pathlib.Path, options: CustomOptions) -> Iterat
                          f"{COCO_LAYOUT if name == 'COCO' else IMAGE_MASKS_LAYOUT}")
 
 
+def _image_hw(data: bytes, path: pathlib.Path, dataset: str) -> tuple[int, int]:
+    """(H, W) as cv2 decodes the image, after decoding it fully once (a truncated or corrupt
+    file raises here, naming it, instead of in a training run)."""
+    hw = fd.cv2_image_hw(data, path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except Image.DecompressionBombError:  # beyond PIL's limit: OpenCV's decode is the check
+        fd.cv2_decode(data, path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{dataset}: cannot decode image {path}: {e}") from e
+    return hw
+
+
 def _keep_objects(masks, where: str, options: CustomOptions, skipped: Skipped):
     """Drops empty and too-small masks (counted)."""
     kept = []
@@ -212,7 +230,7 @@ def _image_masks(root: pathlib.Path, options: CustomOptions, skipped: Skipped) -
             skipped.add("images without a mask file", image_path.name)
             continue
         data = image_path.read_bytes()
-        image_hw = fd.cv2_image_hw(data, image_path)
+        image_hw = _image_hw(data, image_path, "ImageMasks")
         ignore = np.zeros(image_hw, bool)
         masks = []
         for k, path in files or [(None, whole[stem])]:
@@ -368,7 +386,7 @@ def _coco(path: pathlib.Path, options: CustomOptions, skipped: Skipped) -> Itera
             data = image_path.read_bytes()
         except OSError as e:
             raise ValueError(f"COCO: image id {image_id!r}: cannot read {image_path}: {e}") from e
-        h, w = fd.cv2_image_hw(data, image_path)
+        h, w = _image_hw(data, image_path, "COCO")
         if (info.get("height"), info.get("width")) not in ((h, w), (None, None)):
             raise ValueError(f"COCO: image id {image_id!r}: {image_path} is {h}x{w} (HxW) but the "
                              f"JSON says {info.get('height')}x{info.get('width')}")
@@ -455,6 +473,13 @@ def cache_key(name: str, root: pathlib.Path, options: CustomOptions) -> tuple:
 
     folder = root.parent if name == "COCO" else root
     return (str(root), *builders.folder_key(folder), dataclasses.astuple(options))
+
+
+def eval_dataset_names(data: Mapping) -> tuple[str, ...]:
+    """`data.eval_datasets`, plus COCO / ImageMasks when `data.eval_roots` gives them a root."""
+    names = tuple(data.get("eval_datasets", ()))
+    roots = data.get("eval_roots", {}) or {}
+    return names + tuple(n for n in CUSTOM_DATASETS if roots.get(n) and n not in names)
 
 
 def require_root(name: str, root: pathlib.Path) -> None:

@@ -56,7 +56,8 @@ def data_defaults() -> ml_collections.ConfigDict:
     skipped with a warning (set e.g. --config.data.eval_roots.GrabCut=/data/GrabCut).
     `mask_mode`, `ignore_value`, `categories` and `min_annotation_area` say how the user's own
     'COCO' (root: an instances JSON) and 'ImageMasks' (root: a folder) datasets are read
-    (data.custom_datasets.CustomOptions); their eval roots are `eval_roots.COCO` / `.ImageMasks`.
+    (data.custom_datasets.CustomOptions); their eval roots are `eval_roots.COCO` / `.ImageMasks`
+    (evaluated after training once set, whether or not `eval_datasets` names them).
     """
     return ml_collections.ConfigDict(
         dict(
