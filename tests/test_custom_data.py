@@ -91,6 +91,17 @@ def test_coco_train_records_hold_every_object_as_layers(coco, tmp_path):
             assert "ignore" not in r
 
 
+def test_compressed_rle_total_matches_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    for h, w in ((7, 9), (48, 80), (300, 200)):
+        m = rng.random((h, w)) < 0.3
+        m[: h // 2] |= fx.disk(h, w, h / 3, w / 3, min(h, w) / 4)[: h // 2]
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert cd._compressed_rle_total(rle["counts"], "x") == h * w
+
+
 def test_pack_layers_overlapping_objects():
     a, b, c = fx.rect(20, 20, 0, 0, 10, 10), fx.rect(20, 20, 5, 5, 15, 15), fx.rect(20, 20, 15, 15, 20, 20)
     layers, objects = cd.pack_layers([a, b, c])
@@ -186,6 +197,12 @@ def _first(data, image_id):
     (lambda d, r: d["annotations"][0]["segmentation"].update(size=[10, 10]),
      r"annotation id 101.*RLE size \[10, 10\] differs"),
     (lambda d, r: d["annotations"][0].update(category_id=7), "annotation id 101 has unknown category_id 7"),
+    (lambda d, r: d["annotations"][0]["segmentation"].update(counts="0j1"),
+     r"annotation id 101.*compressed RLE covers \d+ pixels, expected height\*width = 3840"),
+    (lambda d, r: d["annotations"][0]["segmentation"].update(counts="f03\x7f"),
+     "annotation id 101.*malformed compressed RLE"),
+    (lambda d, r: d["annotations"][1]["segmentation"]["counts"].append(5),
+     "annotation id 102.*uncompressed RLE counts sum to 3845"),
     (lambda d, r: (r / "images" / "a.jpg").unlink(), "image id 1 file_name 'a.jpg': missing"),
     (lambda d, r: (r / "images" / "a.jpg").write_bytes(b"not a jpeg"), "a.jpg"),
     (lambda d, r: _truncate(r / "images" / "a.jpg"),

@@ -299,6 +299,35 @@ def _find_image(folder: pathlib.Path, file_name: str, image_id) -> pathlib.Path:
                          f"for {tried[0]} and {tried[1]}")
 
 
+def _compressed_rle_total(counts: bytes, where: str) -> int:
+    """Sum of the run lengths of a COCO compressed RLE string (pycocotools' `rleFrString` format:
+    6-bit groups offset by 48, runs after the second delta-coded); raises on a malformed string.
+    (pycocotools decodes a string that covers too few pixels into uninitialised memory.)"""
+    runs: list[int] = []
+    pos = 0
+    try:
+        while pos < len(counts):
+            value, shift, more = 0, 0, True
+            while more:
+                c = counts[pos] - 48
+                if not 0 <= c < 64:
+                    raise ValueError(f"byte {counts[pos]!r} at {pos}")
+                value |= (c & 0x1F) << shift
+                more = bool(c & 0x20)
+                pos += 1
+                shift += 5
+                if not more and c & 0x10:
+                    value |= -1 << shift
+            if len(runs) > 2:
+                value += runs[-2]
+            if value < 0:
+                raise ValueError(f"negative run length {value}")
+            runs.append(value)
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"COCO: {where}: malformed compressed RLE counts ({e})") from None
+    return sum(runs)
+
+
 def _rle(segm, h: int, w: int, where: str, skipped: Skipped):
     """pycocotools RLE of one annotation's segmentation, or None if it is skipped (counted)."""
     from pycocotools import mask as mask_utils
@@ -312,6 +341,8 @@ def _rle(segm, h: int, w: int, where: str, skipped: Skipped):
                              f"[height, width] {[h, w]}")
         counts = segm["counts"]
         if isinstance(counts, list):
+            if not all(isinstance(c, int) and c >= 0 for c in counts):
+                raise ValueError(f"COCO: {where}: uncompressed RLE counts must be integers >= 0")
             if sum(counts) != h * w:
                 raise ValueError(f"COCO: {where}: uncompressed RLE counts sum to {sum(counts)}, "
                                  f"expected height*width = {h * w}")
@@ -320,6 +351,10 @@ def _rle(segm, h: int, w: int, where: str, skipped: Skipped):
             counts = counts.encode()
         if not isinstance(counts, bytes):
             raise ValueError(f"COCO: {where}: RLE counts must be a list or a string")
+        total = _compressed_rle_total(counts, where)
+        if total != h * w:
+            raise ValueError(f"COCO: {where}: compressed RLE covers {total} pixels, expected "
+                             f"height*width = {h * w}")
         return {"size": [h, w], "counts": counts}
     if not isinstance(segm, list) or not segm:
         skipped.add("annotations without a segmentation", where)
