@@ -5,10 +5,13 @@ A config is an `ml_collections.ConfigDict` with sections:
   train  – training recipe (read by `train.py`),
   data   – training data (read by `train.py`),
   eval   – NoC protocol (read by `eval.py` and by the end of `train.py`).
+
+Both command lines override a value with `--config.<section>.<key>=<value>` (`override`).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import pathlib
@@ -120,6 +123,51 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
         return module.get_config(arg) if arg is not None else module.get_config()
     except (KeyError, TypeError) as e:
         raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
+
+
+OVERRIDE_PREFIX = "--config."
+
+
+def override_arg(arg: str) -> tuple[str, str] | None:
+    """'--config.<key>=<value>' -> (key, value); None for any other argument."""
+    if not arg.startswith(OVERRIDE_PREFIX) or "=" not in arg:
+        return None
+    key, value = arg[len(OVERRIDE_PREFIX):].split("=", 1)
+    return key, value
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
+    """Sets cfg.<key> (dotted) from the text of `--config.<key>=<value>`, parsed exactly as
+    train.py's absl flags parse it (ml_collections `config_flags`, by the field's type: bool
+    true/false/t/f/1/0, int, float, str, tuple as '(a, b)', a section as a dict literal).
+    KeyError for an unknown key, ValueError for a value the field cannot take."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        if part not in node:
+            raise KeyError(f"--config.{key}: no section {part!r}")
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(f"--config.{key}: unknown field (known: {sorted(node.keys())})")
+    old = node[leaf]
+    if old is None:  # no type to parse by (a null in an older config.json): a Python literal
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError) as e:
+            raise ValueError(f"--config.{key}={value}: not a valid literal ({e})") from None
+        return
+    argv = ["override", f"{OVERRIDE_PREFIX}{key}={value}"]
+    flag_values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict("config", cfg, flag_values=flag_values, sys_argv=argv,
+                                        lock_config=False)
+        flag_values(argv)
+    except (flags.Error, ValueError, TypeError) as e:
+        cause = str(e).removeprefix(f"flag {argv[1]}: ")
+        raise ValueError(f"--config.{key}={value}: not a valid {type(old).__name__} ({cause})") from None
 
 
 def config_to_json(cfg: ml_collections.ConfigDict) -> str:
