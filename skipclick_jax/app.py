@@ -281,7 +281,7 @@ def build_app(annotator: Annotator, *, max_upload_bytes: int = 20 * 2**20, max_p
 
     ls_backend = label_studio.LabelStudioBackend(
         ClickEngine(annotator.predictor, max_pixels=max_pixels, lock=annotator.lock),
-        model_class=annotator.description)
+        description=annotator.description)
     routes = [
         Route("/", index), Route("/api/info", info), Route("/api/example", example),
         Route("/api/image", upload, methods=["POST"]),

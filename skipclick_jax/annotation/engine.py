@@ -6,9 +6,10 @@ Annotation tools send the whole click list (and, for CVAT, the whole image) with
 - the image is encoded once per *content* (SHA-256 of the bytes as received): encodings and
   click histories live in a bounded LRU cache (`max_images`), so later clicks on the same image
   cost no image decode and no encode;
-- the clicks of a request replay from the longest cached prefix, so one new click costs one
-  run of the click path (the predictor's `add_click`), and the result equals a fresh
-  `Predictor` given the same clicks in the same order.
+- the clicks of a request replay from the longest cached prefix (the last `KEEP_STEPS` steps
+  are kept), so one new click, or removing the last one, costs at most one run of the click
+  path (the predictor's `add_click`); the result equals a fresh `Predictor` given the same
+  clicks in the same order.
 
 One predictor serves every request; model calls are serialised by `lock` (shared with the app's
 own sessions when both run in one server).
@@ -28,6 +29,7 @@ from PIL import Image
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_IMAGES = 8
+KEEP_STEPS = 2  # cached click steps per image: a new click or an undo costs at most one click run
 
 Click = tuple[int, int, bool]  # (row, col, is_positive) at the image's own resolution
 
@@ -111,13 +113,15 @@ class ClickEngine:
     def __len__(self) -> int:
         return len(self._cache)
 
-    def probability(self, data: bytes, clicks: Callable[[int, int], Sequence[Click]] | Sequence[Click],
+    def probability(self, data: bytes,
+                    clicks: Callable[[int, int, list[Click]], Sequence[Click]] | Sequence[Click],
                     ) -> np.ndarray:
         """float32 [H, W] probability after `clicks` on the image encoded in `data`.
 
-        `clicks` is a list of (row, col, is_positive), or a function (height, width) -> that list
-        (for clicks given relative to the image size). Raises AnnotationError for an unusable
-        image, no clicks, or a click outside the image.
+        `clicks` is a list of (row, col, is_positive), or a function (height, width, previous)
+        -> that list, where `previous` are the clicks of the last request on this image (for
+        clicks given relative to the image size, or without an order). Raises AnnotationError
+        for an unusable image, no clicks, or a click outside the image.
         """
         key = image_key(data)
         with self.lock:
@@ -132,28 +136,50 @@ class ClickEngine:
                     self._cache.popitem(last=False)
             self._cache.move_to_end(key)
             wanted = [(int(r), int(c), bool(pos)) for r, c, pos in
-                      (clicks(entry.height, entry.width) if callable(clicks) else clicks)]
+                      (clicks(entry.height, entry.width, list(entry.state["history"][-1].clicks))
+                       if callable(clicks) else clicks)]
             check_clicks(wanted, entry.height, entry.width)
             return self._replay(entry, wanted)
 
     def _replay(self, entry: _Entry, wanted: list[Click]) -> np.ndarray:
-        """Runs the clicks not already in the cached history (longest common prefix kept)."""
+        """Runs the clicks after the longest cached step whose clicks begin `wanted`."""
         p = self.predictor
-        p.restore_session(entry.state)
         history = entry.state["history"]
-        keep = 0  # history[k] holds the first k clicks
-        for k in range(1, min(len(history), len(wanted) + 1)):
-            if history[k].clicks == wanted[:k]:
-                keep = k
-            else:
-                break
-        state = dict(entry.state, history=list(history[:keep + 1]))
-        p.restore_session(state)
-        for row, col, positive in wanted[keep:]:
+        base = history[0]  # no clicks, zero probability
+        for step in history[1:]:
+            n = len(step.clicks)
+            if len(base.clicks) < n <= len(wanted) and step.clicks == wanted[:n]:
+                base = step
+        p.restore_session(dict(entry.state, history=[history[0]] + ([base] if base is not history[0] else [])))
+        for row, col, positive in wanted[len(base.clicks):]:
             p.add_click(row, col, positive)
             self.clicks_run += 1
-        entry.state = p.session_state()
+        state = p.session_state()
+        # Keep the empty step and the last KEEP_STEPS (full-resolution probabilities each).
+        state["history"] = [state["history"][0]] + state["history"][1:][-KEEP_STEPS:]
+        entry.state = state
         return p.probability
+
+
+def order_clicks(previous: Sequence[Click], positives: Sequence[tuple[int, int]],
+                 negatives: Sequence[tuple[int, int]]) -> list[Click]:
+    """Orders clicks that arrive as unordered sets (CVAT sends all positive and all negative
+    points with every request): the previous request's clicks still present keep their order,
+    the new ones follow (positives first). With one new click per request (the usual case) this
+    is the order the user clicked in.
+    """
+    remaining = collections.Counter([(int(r), int(c), True) for r, c in positives]
+                                    + [(int(r), int(c), False) for r, c in negatives])
+    ordered = []
+    for click in previous:
+        if remaining[click] > 0:
+            ordered.append(click)
+            remaining[click] -= 1
+    for click in [*[(int(r), int(c), True) for r, c in positives], *[(int(r), int(c), False) for r, c in negatives]]:
+        if remaining[click] > 0:
+            ordered.append(click)
+            remaining[click] -= 1
+    return ordered
 
 
 def check_clicks(clicks: Sequence[Click], height: int, width: int) -> None:

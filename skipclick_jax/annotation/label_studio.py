@@ -125,15 +125,15 @@ def percent_to_pixel(x: float, y: float, height: int, width: int) -> tuple[int, 
 class LabelStudioBackend:
     """The protocol's logic, independent of the web framework (methods take and return JSON)."""
 
-    def __init__(self, engine: ClickEngine, *, model_class: str = "SkipClick",
+    def __init__(self, engine: ClickEngine, *, description: str = "",
                  max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, threshold: float = 0.5):
-        self.engine, self.model_class = engine, model_class
+        self.engine, self.description = engine, description
         self.max_image_bytes, self.threshold = max_image_bytes, threshold
         self._projects: collections.OrderedDict[str, tuple[str | None, str | None]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def health(self) -> dict:
-        return dict(status="UP", model_class=self.model_class, model_version=MODEL_VERSION,
+        return dict(status="UP", model_class="SkipClick", model=self.description, model_version=MODEL_VERSION,
                     cached_images=len(self.engine), max_cached_images=self.engine.max_images)
 
     def setup(self, body: Any) -> dict:
@@ -179,7 +179,7 @@ class LabelStudioBackend:
                                   f"(the <Image value=\"${key}\"> of the labeling config)")
         image_bytes = self.fetch_image(data[key], _project_id(body.get("project"), required=False))
 
-        def clicks(height, width):
+        def clicks(height, width, previous):
             return [(*percent_to_pixel(x, y, height, width), pos) for x, y, pos in points]
 
         prob = self.engine.probability(image_bytes, clicks)
