@@ -437,3 +437,21 @@ def test_cvat_bad_input(cvat, body, status, words):
         body = dict(body, image=base64.b64encode(png(sample_image(6))).decode())
     code, out = cvat_call(cvat, body)
     assert code == status and words in out["error"], out
+
+
+def test_cvat_function_specs():
+    """function.yaml (CPU) and function-gpu.yaml: an interactor whose handler is main.py's,
+    reading the checkpoint from SKIPCLICK_CHECKPOINT; the GPU variant asks for a GPU."""
+    yaml = pytest.importorskip("yaml")
+    specs = {name: yaml.safe_load((ROOT / "integrations/cvat" / name).read_text())
+             for name in ("function.yaml", "function-gpu.yaml")}
+    for name, spec in specs.items():
+        assert spec["metadata"]["annotations"]["type"] == "interactor", name
+        assert spec["metadata"]["annotations"]["min_pos_points"] == 1, name
+        assert spec["spec"]["handler"] == "main:handler", name
+        env = {e["name"]: e["value"] for e in spec["spec"]["env"]}
+        assert env["SKIPCLICK_CHECKPOINT"].startswith(spec["spec"]["volumes"][0]["volumeMount"]["mountPath"])
+        assert "integrations/cvat/main.py /opt/nuclio/main.py" in spec["spec"]["build"]["directives"]["postCopy"][-1]["value"]
+    assert specs["function-gpu.yaml"]["spec"]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert "nvidia.com/gpu" not in specs["function.yaml"]["spec"]["resources"]["limits"]
+    assert specs["function.yaml"]["metadata"]["name"] != specs["function-gpu.yaml"]["metadata"]["name"]
