@@ -259,6 +259,37 @@ def test_label_studio_fetches_from_the_host_given_at_setup(app_server):
     assert seen[:2] == ["Token wrong", "Token secret"]
 
 
+def test_label_studio_environment_and_personal_access_token(app_server, monkeypatch):
+    """Without /setup: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY; a personal access token (JWT)
+    is exchanged once at /api/token/refresh/ for a Bearer access token."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    refreshes = []
+
+    async def refresh(request):
+        refreshes.append((await request.json())["refresh"])
+        return JSONResponse({"access": "short-lived"})
+
+    async def upload(request):
+        if request.headers.get("authorization") != "Bearer short-lived":
+            return Response("no", status_code=401)
+        return Response(png(sample_image(3)), media_type="image/png")
+
+    url, _, _ = app_server
+    app = Starlette(routes=[Route("/api/token/refresh/", refresh, methods=["POST"]),
+                            Route("/data/upload/2/b.png", upload)])
+    with serve(app) as fake_ls:
+        monkeypatch.setenv("LABEL_STUDIO_URL", fake_ls)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", "header.payload.signature")
+        for x in (30, 31):
+            code, out = http(url + "/label-studio/predict",
+                             predict_body("/data/upload/2/b.png", [keypoint(x, 50)], project="11.1"))
+            assert code == 200, out
+    assert refreshes == ["header.payload.signature"]
+
+
 BIG = sample_image(0, 500, 500)  # 250,000 pixels > the server's 200,000
 
 

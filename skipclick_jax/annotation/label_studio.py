@@ -18,8 +18,9 @@ at the image's original size, with the label the user chose (it must be one of t
 labels of the labeling config). Without a context (batch pre-annotation) the results are empty.
 
 The image is fetched from Label Studio: a relative task URL (`/data/upload/...`) from the host
-and with the token sent at /setup, else the environment variables LABEL_STUDIO_URL and
-LABEL_STUDIO_API_KEY; absolute http(s) URLs and data: URLs work as well. The `ClickEngine`
+and with the token sent at /setup, where the environment variables LABEL_STUDIO_URL and
+LABEL_STUDIO_API_KEY (legacy token or personal access token) are not set; absolute http(s) URLs
+and data: URLs work as well. The `ClickEngine`
 caches encodings per image content, so each further click costs one run of the click path.
 
 Errors follow the ML backend's own form: an HTTP error status with
@@ -31,9 +32,11 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import json
 import os
 import secrets
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -49,6 +52,7 @@ MODEL_VERSION = "skipclick-jax"
 FETCH_TIMEOUT_S = 20.0
 DEFAULT_MAX_IMAGE_BYTES = 64 * 2**20
 MAX_PROJECTS = 256  # projects whose /setup credentials are remembered (LRU)
+ACCESS_TOKEN_TTL_S = 120.0  # reuse of an access token from a personal access token (LS: 5 min)
 ENV_URL, ENV_TOKEN = "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"
 
 
@@ -130,6 +134,7 @@ class LabelStudioBackend:
         self.engine, self.description = engine, description
         self.max_image_bytes, self.threshold = max_image_bytes, threshold
         self._projects: collections.OrderedDict[str, tuple[str | None, str | None]] = collections.OrderedDict()
+        self._access: dict[tuple[str, str], tuple[str, float]] = {}  # (host, PAT) -> (access token, until)
         self._lock = threading.Lock()
 
     def health(self) -> dict:
@@ -212,8 +217,10 @@ class LabelStudioBackend:
             return data
         with self._lock:
             host, token = self._projects.get(project or "", (None, None))
-        host = host or os.environ.get(ENV_URL)
-        token = token or os.environ.get(ENV_TOKEN)
+        # Set by the operator, the environment wins: Label Studio reports its own idea of its
+        # address (often http://localhost:8080), which the backend may not reach.
+        host = os.environ.get(ENV_URL) or host
+        token = os.environ.get(ENV_TOKEN) or token
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme in ("http", "https"):
             full = url
@@ -227,7 +234,7 @@ class LabelStudioBackend:
                                   "http(s) and data: URLs are supported", 422)
         headers = {}
         if token and host and full.startswith(host.rstrip("/") + "/"):
-            headers["Authorization"] = f"Token {token}"
+            headers["Authorization"] = self._authorization(host.rstrip("/"), token)
         try:
             with urllib.request.urlopen(urllib.request.Request(full, headers=headers),
                                         timeout=FETCH_TIMEOUT_S) as response:
@@ -240,6 +247,34 @@ class LabelStudioBackend:
         if len(data) > self.max_image_bytes:
             raise AnnotationError(f"image {full} too large: over {self.max_image_bytes:,} bytes", 413)
         return data
+
+
+    def _authorization(self, host: str, token: str) -> str:
+        """The Authorization header for `token`: a legacy token as is; a personal access token
+        (a JWT refresh token) exchanged at /api/token/refresh/ for a short-lived access token
+        (cached until shortly before it expires)."""
+        if token.count(".") != 2:
+            return f"Token {token}"
+        with self._lock:
+            cached = self._access.get((host, token))
+        if cached and cached[1] > time.time():
+            return f"Bearer {cached[0]}"
+        request = urllib.request.Request(host + "/api/token/refresh/", data=json.dumps({"refresh": token}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
+                access = json.loads(response.read())["access"]
+        except urllib.error.HTTPError as e:
+            raise AnnotationError(f"Label Studio at {host} refused the personal access token "
+                                  f"(HTTP {e.code} from /api/token/refresh/)", 502) from e
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as e:
+            raise AnnotationError(f"cannot exchange the personal access token at {host}/api/token/refresh/ "
+                                  f"({getattr(e, 'reason', e)})", 502) from e
+        with self._lock:
+            self._access[(host, token)] = (access, time.time() + ACCESS_TOKEN_TTL_S)
+            while len(self._access) > MAX_PROJECTS:
+                self._access.pop(next(iter(self._access)))
+        return f"Bearer {access}"
 
 
 def _project_id(project: Any, required: bool = True) -> str | None:
