@@ -40,6 +40,8 @@ build() {
     "$venv/bin/label-studio" version >"$venv/migrate.log" 2>&1 || { tail -20 "$venv/migrate.log" >&2; return 1; }
   touch "$venv/.complete"
   echo "setup_label_studio: built in $((SECONDS - start)) s" >&2
+  # Venvs of other versions of this script (about 1 GB each) are not used any more.
+  find "$(dirname "$venv")" -maxdepth 1 -name 'label-studio-venv-*' ! -path "$venv" -exec rm -rf {} +
 }
 
 export -f build
