@@ -19,6 +19,7 @@ COMMANDS = (
 LINK = re.compile(r"!?\[[^\]]*\]\(([^()\s]+)\)")
 DOC_REF = re.compile(r"\bdocs/[\w./-]+\.md(?:#[\w-]+)?")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+REPO_PATH = re.compile(r"`((?:skipclick_jax|convert_weights|bench|tests|configs|scripts|docs|\.ci)/[^`\s\[:]*)")
 
 
 def _repo_files() -> list[pathlib.Path]:
@@ -86,6 +87,16 @@ def test_relative_links_resolve(doc):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading #{anchor} in {dest.relative_to(ROOT)})")
     assert not broken, f"{doc.relative_to(ROOT)}: broken links: {broken}"
+
+
+def test_repository_paths_named_in_docs_exist():
+    """A file or folder named in backticks (`skipclick_jax/edt.py`) exists: renames show here."""
+    missing = []
+    for doc in _markdown_files():
+        for path in REPO_PATH.findall(doc.read_text()):
+            if not any(ch in path for ch in "{*<") and not (ROOT / path).exists():
+                missing.append(f"{doc.relative_to(ROOT)}: {path}")
+    assert not missing, f"paths named in the documentation that do not exist: {missing}"
 
 
 def test_code_references_into_docs_resolve():
