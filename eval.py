@@ -1,4 +1,4 @@
-"""NoC evaluation of a checkpoint with the original's protocol (spec §5).
+"""NoC evaluation of a checkpoint with the original's protocol (docs/design/evaluation.md).
 
   python eval.py --checkpoint CKPT --dataset GrabCut=/data/GrabCut [--dataset DAVIS=/data/DAVIS ...]
       --out OUT [--config configs/x.py[:arg]] [--config.eval.batch_size=16 ...] [--overlays N]

@@ -1,4 +1,4 @@
-r"""Trains SkipClick (spec §4) with jitted iterative click simulation, then runs the NoC evaluation.
+r"""Trains SkipClick (docs/design/training.md) with jitted iterative click simulation, then runs the NoC evaluation.
 
   python train.py --config configs/tiny_synthetic.py --workdir runs/tiny
   python train.py --config configs/skipclick.py --workdir runs/skipclick \

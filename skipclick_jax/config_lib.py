@@ -21,7 +21,7 @@ import ml_collections
 DINOV2_VITB14_REG4 = dict(
     kind="dinov2", dim=768, depth=12, heads=12, patch=14, num_registers=4, pos_grid=37, mlp_ratio=4
 )
-# torch.hub `dinov3_vitb16` (spec dinov3.md §2): 4 storage tokens (`num_registers`), RoPE base 100
+# torch.hub `dinov3_vitb16` (docs/design/model.md#dinov3-backbone): 4 storage tokens (`num_registers`), RoPE base 100
 # whose coordinate rescale factor 2 is active in training mode, LayerScale init 1e-5.
 DINOV3_VITB16 = dict(
     kind="dinov3", dim=768, depth=12, heads=12, patch=16, num_registers=4, mlp_ratio=4,
@@ -40,12 +40,12 @@ def model_config(
     frozen=True,
     crop_size=448,
 ) -> ml_collections.ConfigDict:
-    """The SkipClick architecture (spec §1.1); defaults are the full SkipClick model.
+    """The SkipClick architecture (docs/design/model.md#configurations); defaults are the full SkipClick model.
 
     `backbone` is 'dinov2' (ViT-B/14 with registers) or 'dinov3' (ViT-B/16, SkipClick-DINOv3);
     the EncoderStack and click embedding take its patch size. `backbone.taps` are the blocks whose
     outputs are used. Several taps are fused by a Linear layer; a single tap feeds the EncoderStack
-    directly. The released code always feeds block 2 for its single-tap configs (spec §8.1), the
+    directly. The released code always feeds block 2 for its single-tap configs (docs/design/model.md#released-code-quirks), the
     paper describes block 11.
     """
     if backbone not in BACKBONES:

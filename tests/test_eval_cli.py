@@ -37,7 +37,7 @@ def test_evaluate_writes_the_report(tmp_path):
     assert [(r["height"], r["width"]) for r in records] == SIZES
     all_ious = [metrics.ious_from_counts(e["inter"], e["union"]) for e in expected]
     assert [r["ious"] for r in records] == [list(x) for x in all_ious]
-    # NoC/NoF/mIoU restated here (spec §5.4), not with the metrics functions the report uses
+    # NoC/NoF/mIoU restated here (docs/design/evaluation.md#metrics), not with the metrics functions the report uses
     m = FLIP.max_clicks
     noc = [[next((k + 1 for k, v in enumerate(ious) if v >= t), m) for ious in all_ious]
            for t in metrics.NOC_THRESHOLDS]

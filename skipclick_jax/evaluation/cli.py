@@ -1,4 +1,4 @@
-"""NoC evaluation of a checkpoint with the original's protocol (spec §5).
+"""NoC evaluation of a checkpoint with the original's protocol (docs/design/evaluation.md).
 
   python eval.py --checkpoint CKPT --dataset GrabCut=/data/GrabCut [--dataset DAVIS=/data/DAVIS ...]
       --out OUT [--config configs/x.py[:arg]] [--config.eval.batch_size=16 ...] [--overlays N]
@@ -12,7 +12,7 @@ for every dataset (default: the protocol's per-dataset sizes), `--all-clicks` ru
 evaluates the synthetic val split of the checkpoint's own `data.synthetic` settings. Every
 dataset folder is read and checked before the first evaluation; an `--out` folder with results
 is refused unless `--overwrite`. Outputs: see `skipclick_jax.evaluation.evaluate`.
-Several processes (--coordinator ... or --distributed, see README "Several hosts") split
+Several processes (--coordinator ... or --distributed, see docs/multihost.md) split
 each dataset's samples; process 0 writes the outputs.
 
 `main(argv)` is the command line of the top-level `eval.py`.

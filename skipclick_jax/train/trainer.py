@@ -1,4 +1,4 @@
-"""`train_and_evaluate`: trains SkipClick (spec §4) with jitted iterative click simulation, then
+"""`train_and_evaluate`: trains SkipClick (docs/design/training.md) with jitted iterative click simulation, then
 runs the NoC evaluation. `train.py` is its command line.
 
 The run directory holds checkpoints/ (orbax, with config.json), tensorboard/, images/
@@ -217,7 +217,7 @@ def _train_iterator(cfg):
 
 
 def _initial_model(cfg, init_from: str | None) -> nnx.Module:
-    """A fresh model (spec §3 init), or weights from `init_from` (checked against cfg.model)."""
+    """A fresh model (docs/design/model.md#initialisation), or weights from `init_from` (checked against cfg.model)."""
     if init_from:
         return checkpoint.load(init_from, cfg, seed=cfg.train.seed)[0]
     return build_model(cfg.model, seed=cfg.train.seed)
