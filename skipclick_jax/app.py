@@ -14,8 +14,10 @@ exists, else a randomly initialised test_tiny (and says so: its masks are meanin
 
 API (JSON unless noted): GET /api/info; POST /api/image (raw image bytes as the body) -> session;
 POST /api/click {session, row, col, positive}; POST /api/undo|reset|next {session};
-GET /api/mask?session=ID -> label PNG; GET /api/example -> the example PNG. Mask responses carry
-an RGBA PNG overlay (opaque object colours, transparent background) as a data URL.
+GET /api/mask?session=ID -> label PNG; GET /api/coco?session=ID[&file_name=F] -> the objects as
+COCO JSON (RLE); GET /api/example -> the example PNG. Mask responses carry an RGBA PNG overlay
+(opaque object colours, transparent background) as a data URL. Under /label-studio: the Label
+Studio ML backend (skipclick_jax.annotation.label_studio; docs/annotation.md).
 """
 
 from __future__ import annotations
@@ -155,8 +157,8 @@ class Annotator:
                         objects=len(session.objects), current_area=int(current.sum()),
                         overlay=self._overlay(session.objects, current))
 
-    def labels(self, sid: str) -> np.ndarray:
-        """uint8 [H, W]: 0 background, k = the k-th object (the current one last, if clicked)."""
+    def masks(self, sid: str) -> tuple[list[np.ndarray], tuple[int, int]]:
+        """The objects' bool masks [H, W] in order (the current one last, if clicked); (H, W)."""
         with self.lock:
             session = self.sessions.get(sid)
             if session is None:
@@ -165,10 +167,15 @@ class Annotator:
             masks = list(session.objects)
             if self.predictor.clicks:
                 masks.append(self.predictor.probability > 0.5)
-            labels = np.zeros((session.state["height"], session.state["width"]), np.uint8)
-            for k, mask in enumerate(masks, 1):
-                labels[mask] = k
-            return labels
+            return masks, (session.state["height"], session.state["width"])
+
+    def labels(self, sid: str) -> np.ndarray:
+        """uint8 [H, W]: 0 background, k = the k-th object (the current one last, if clicked)."""
+        masks, shape = self.masks(sid)
+        labels = np.zeros(shape, np.uint8)
+        for k, mask in enumerate(masks, 1):
+            labels[mask] = k
+        return labels
 
     @staticmethod
     def _overlay(objects: list[np.ndarray], current: np.ndarray) -> str:
@@ -256,13 +263,36 @@ def build_app(annotator: Annotator, *, max_upload_bytes: int = 20 * 2**20, max_p
         return Response(png_bytes(labels), media_type="image/png",
                         headers={"Content-Disposition": 'attachment; filename="mask.png"'})
 
+    async def coco(request: Request):
+        from skipclick_jax.annotation.coco import masks_to_coco
+
+        name = pathlib.PurePath(request.query_params.get("file_name") or "image.png").name
+        try:
+            masks, _ = await run_in_threadpool(annotator.masks, request.query_params.get("session", ""))
+            if not masks:
+                raise BadRequest("no objects yet: click on an object first")
+        except BadRequest as e:
+            return error(e)
+        body = await run_in_threadpool(masks_to_coco, masks, file_name=name)
+        return JSONResponse(body, headers={"Content-Disposition": 'attachment; filename="annotations.json"'})
+
+    from skipclick_jax.annotation import label_studio
+    from skipclick_jax.annotation.engine import ClickEngine
+
+    ls_backend = label_studio.LabelStudioBackend(
+        ClickEngine(annotator.predictor, max_pixels=max_pixels, lock=annotator.lock),
+        description=annotator.description)
     routes = [
         Route("/", index), Route("/api/info", info), Route("/api/example", example),
         Route("/api/image", upload, methods=["POST"]),
         *[Route(f"/api/{n}", action(n), methods=["POST"]) for n in ("click", "undo", "reset", "next")],
-        Route("/api/mask", mask), Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Route("/api/mask", mask), Route("/api/coco", coco),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        Mount("/label-studio", routes=label_studio.routes(ls_backend)),  # Label Studio ML backend
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.label_studio = ls_backend
+    return app
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""Next-click rules of the original, pure and batched (spec §5.3 evaluation, §4.6 training).
+"""Next-click rules of the original, pure and batched (docs/design/evaluation.md#clicker, docs/design/training.md#click-simulation).
 
 Both rules zero-pad the error masks by one pixel (here: `edt` counts the ring and pixels outside
 `valid` as zeros) and take the exact Euclidean distance transform.

@@ -1,4 +1,4 @@
-"""Interactive predictors for annotation (spec §5.5, the original demo's glue).
+"""Interactive predictors for annotation (docs/design/evaluation.md#quick-response-split, the original demo's glue).
 
     predictor = Predictor(model)             # JAX: any SkipClick (e.g. skipclick_jax.load(path)[0])
     predictor = OnnxPredictor(export_dir)    # onnxruntime on `python -m skipclick_jax.export` output

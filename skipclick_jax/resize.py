@@ -1,4 +1,4 @@
-"""PyTorch's resampling kernels, exactly (spec Appendix A).
+"""PyTorch's resampling kernels, exactly (docs/design/model.md#resampling).
 
 A separable resize gathers T source taps per output index along each axis and accumulates
 `out = Σ_t x[idx_t] · w_t` in tap order, width first, then height, exactly as torch's CPU kernel

@@ -305,6 +305,20 @@ def test_annotate_in_the_browser(server, browser, tmp_path):
     np.testing.assert_array_equal(labels == 1, first)
     np.testing.assert_array_equal(labels == 2, second)
 
+    # The COCO JSON beside it: each object's whole mask as RLE, read back with pycocotools.
+    from pycocotools.coco import COCO
+
+    with page.expect_download() as download:
+        page.click("#coco")
+    path = tmp_path / "annotations.json"
+    download.value.save_as(path)
+    coco = COCO(str(path))
+    assert [im["file_name"] for im in coco.loadImgs(coco.getImgIds())] == ["example.png"]
+    whole = [coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds())]
+    assert len(whole) == 2
+    np.testing.assert_array_equal(whole[0] & ~whole[1], first)
+    np.testing.assert_array_equal(whole[1], second)
+
     if os.environ.get("SKIPCLICK_APP_SCREENSHOT"):
         ui.click(*_deepest(red & ~second), positive=True)
         page.screenshot(path=os.environ["SKIPCLICK_APP_SCREENSHOT"])

@@ -1,4 +1,4 @@
-"""Training augmentation and object filtering (spec §4.3).
+"""Training augmentation and object filtering (docs/design/training.md#augmentation).
 
 The geometric and photometric chain is RITM's albumentations `Compose`, re-implemented with
 cv2/NumPy so that uint8 results match albumentations for the same random parameters:
@@ -109,7 +109,7 @@ def drop_objects(objects: np.ndarray, parents: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class Augmenter:
-    """Spec §4.3 augmentation with RITM's keep-background retry loop and small-object filter.
+    """The augmentation of docs/design/training.md#augmentation, with RITM's keep-background retry loop and small-object filter.
 
     Attributes:
       crop_size: S, the output side (448 for SkipClick).
@@ -176,7 +176,7 @@ class Augmenter:
 
         Repeats `transform` from the original until an object keeps >= 1 px, or, with probability
         keep_background_prob, accepts an object-less result; only then drops objects below
-        min_object_area (so background-only samples also arise from tiny objects, spec §8.19).
+        min_object_area (so background-only samples also arise from tiny objects, docs/design/training.md#augmentation).
         Layer labels not owned by an input object are zeroed (this is how unselected stuff
         regions leave the layers); dropped objects stay in the layers.
 

@@ -1,4 +1,4 @@
-"""Evaluation datasets (spec §5.1, §6): one record per evaluated instance, in the original's order.
+"""Evaluation datasets (docs/design/evaluation.md#datasets, docs/design/formats.md#dataset-layouts): one record per evaluated instance, in the original's order.
 
 `load_eval_dataset(name, root)` builds the TFDS eval records from the original folder on first
 use (cached per resolved root and fingerprint of its files) and returns a grain `MapDataset` of decoded samples.
@@ -44,7 +44,7 @@ def load_eval_dataset(
 
     Args:
       name: one of `EVAL_DATASETS`.
-      root: the dataset's original folder (spec §6); for WSESeg_* the WSESeg root holding the
+      root: the dataset's original folder (docs/design/formats.md#dataset-layouts); for WSESeg_* the WSESeg root holding the
         class folders. Unused for 'Synthetic' (its val split, one sample per object, is made by
         `synthetic`, default `SyntheticConfig()`). 'COCO': an instances JSON; 'ImageMasks': a
         folder (`custom_datasets`), one sample per object, ignore regions as -1.

@@ -1,4 +1,4 @@
-"""grain training pipeline: random record choice, augmentation, click sampling (spec §4.2-4.5).
+"""grain training pipeline: random record choice, augmentation, click sampling (docs/design/training.md#data).
 
 As in RITM's `ISDataset` with `epoch_len > 0`, a sample ignores its position and draws a record
 uniformly with replacement. Here every random choice of global sample `i` (record, stuff,
@@ -84,8 +84,8 @@ def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_wor
       num_workers: grain worker processes (0 = in-process).
       epoch_len: samples per epoch before dropping the remainder.
       num_epochs: epochs to yield; None repeats forever.
-      min_object_area, keep_background_prob, stuff_prob: spec §4.2-4.3.
-      sampler: the click sampler (spec §4.4 defaults).
+      min_object_area, keep_background_prob, stuff_prob: docs/design/training.md#data.
+      sampler: the click sampler (docs/design/training.md#multipointsampler defaults).
       shard_index, shard_count: this process's slice of each global batch, normally
         jax.process_index() and jax.process_count() (see `make_global_batch`).
       read_options: in-process reading threads/buffer; default 1 thread, 2 batches buffered.

@@ -1,4 +1,4 @@
-"""Training datasets (spec §4.2, §6): one record per image with all its object masks.
+"""Training datasets (docs/design/training.md#data, docs/design/formats.md#dataset-layouts): one record per image with all its object masks.
 
 `load_train_source(name, root, split)` builds the TFDS train records from the original folder on
 first use (cached per resolved root, fingerprint of its files and split) and returns a picklable random-access source of
@@ -68,7 +68,7 @@ def load_train_source(
     (COCO+LVIS: sorted image ids; SBD: `<split>.txt`; HQSeg-44k: sub-folders, then file names).
 
     Args:
-      name: one of `TRAIN_DATASETS`: 'COCO+LVIS' (RITM's combined layout, spec §6), 'SBD'
+      name: one of `TRAIN_DATASETS`: 'COCO+LVIS' (RITM's combined layout, docs/design/formats.md#dataset-layouts), 'SBD'
         (<root>/{img,inst}, <split>.txt; one object per instance), 'HQSeg44k' (its train
         sub-folders for 'train', the val ones for 'val'; one object, mask > 0) or 'Synthetic'.
       root: the dataset's original folder; unused for 'Synthetic', which `synthetic` (default

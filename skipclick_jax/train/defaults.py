@@ -1,4 +1,4 @@
-"""Training recipe (spec §4): the `train` and `data` sections of an experiment config."""
+"""Training recipe (docs/design/training.md): the `train` and `data` sections of an experiment config."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def train_defaults() -> ml_collections.ConfigDict:
 
 
 def data_defaults() -> ml_collections.ConfigDict:
-    """COCO+LVIS with RITM's augmentation and MultiPointSampler (spec §4.2-§4.5).
+    """COCO+LVIS with RITM's augmentation and MultiPointSampler (docs/design/training.md#data).
 
     `name`/`root`/`split` go to data.train_datasets.load_train_source, `points` to
     data.points_sampler.MultiPointSampler and `synthetic` to data.synthetic.SyntheticConfig (used by
