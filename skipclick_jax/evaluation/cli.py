@@ -27,6 +27,7 @@ import sys
 import ml_collections
 
 from skipclick_jax import config_lib, distributed
+from skipclick_jax.data.custom_datasets import custom_data_defaults
 from skipclick_jax.data.eval_datasets import EVAL_DATASETS, load_eval_dataset
 from skipclick_jax.evaluation.defaults import eval_defaults
 from skipclick_jax.evaluation.evaluate import evaluate
@@ -39,7 +40,8 @@ def _parse(argv):
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir or weight file")
     parser.add_argument("--dataset", action="append", required=True, metavar="NAME=PATH",
                         help="dataset name (GrabCut, Berkeley, DAVIS, SBD, HQSeg44k, SHSeg, "
-                             "WSESeg_<class>, Synthetic) and its root folder; repeatable")
+                             "WSESeg_<class>, Synthetic, ImageMasks) and its root folder, or "
+                             "COCO=<instances JSON>; repeatable")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--data-dir", default=None, help="TFDS cache folder for the datasets")
     parser.add_argument("--overlays", type=int, default=None, help="PNG overlays of the first N instances")
@@ -96,8 +98,8 @@ def _main(args, overrides, datasets) -> dict:
     from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 
     for name, path in datasets.items():  # cheap checks first; the layouts are read below
-        if name != "Synthetic" and not builders.resolve_root(path, name).is_dir():
-            raise FileNotFoundError(f"--dataset {name}={path}: folder does not exist")
+        if name != "Synthetic" and not builders.resolve_root(path, name).exists():
+            raise FileNotFoundError(f"--dataset {name}={path}: does not exist")
     enable_compilation_cache()
     reuse_large_buffers()
 
@@ -110,6 +112,7 @@ def _main(args, overrides, datasets) -> dict:
             config_lib.override(given, key, value)
     model, cfg = checkpoint.load(args.checkpoint, given)
     cfg = ml_collections.ConfigDict(cfg)
+    cfg.data = custom_data_defaults(cfg.get("data"))  # COCO / ImageMasks keys of older configs
     protocol = eval_defaults()  # fields missing from an older checkpoint's config take the defaults
     if "eval" in cfg:
         protocol.update(cfg.eval.to_dict())
@@ -145,4 +148,4 @@ def _load_dataset(name: str, path: str, cfg: ml_collections.ConfigDict, data_dir
     if name == "Synthetic":
         settings = dict(cfg.data.synthetic) if "data" in cfg and "synthetic" in cfg.data else {}
         return load_eval_dataset(name, data_dir=data_dir, synthetic=SyntheticConfig(**settings))
-    return load_eval_dataset(name, path, data_dir)
+    return load_eval_dataset(name, path, data_dir, options=cfg.get("data"))

@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from skipclick_jax import checkpoint, config_lib, distributed
+from skipclick_jax.data.custom_datasets import eval_dataset_names
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.pipeline import make_global_batch, train_dataset
 from skipclick_jax.data.points_sampler import MultiPointSampler
@@ -206,7 +207,7 @@ def _train_iterator(cfg):
     """The grain iterator of this process's part of each global batch."""
     d = cfg.data
     source = load_train_source(d.name, d.root or None, d.split, d.data_dir or None,
-                               synthetic=SyntheticConfig(**d.synthetic))
+                               synthetic=SyntheticConfig(**d.synthetic), options=d)
     ds = train_dataset(
         source, crop_size=cfg.model.crop_size, batch_size=cfg.train.batch_size // jax.process_count(),
         seed=cfg.train.seed, num_workers=d.num_workers, epoch_len=d.epoch_len,
@@ -227,12 +228,13 @@ def _eval_datasets(cfg) -> dict:
     """name -> samples for evaluate(), each folder read (and its layout checked) now, before
     training; datasets without a folder are skipped (warning)."""
     d, out = cfg.data, {}
-    for name in d.eval_datasets:
+    for name in eval_dataset_names(d):  # eval_datasets + COCO / ImageMasks given an eval root
         if name == "Synthetic":
             out[name] = load_eval_dataset(name, data_dir=d.data_dir or None,
                                           synthetic=SyntheticConfig(**d.synthetic))
         elif d.eval_roots.get(name):
-            out[name] = load_eval_dataset(name, d.eval_roots[name], data_dir=d.data_dir or None)
+            out[name] = load_eval_dataset(name, d.eval_roots[name], data_dir=d.data_dir or None,
+                                          options=d)
         else:
             log.warning("eval dataset %s skipped: no folder in data.eval_roots.%s", name, name)
     return out
