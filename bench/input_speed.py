@@ -154,11 +154,11 @@ def main(argv=None) -> None:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"COCO: {len(coco)} images 640x480, {objects:.1f} objects/image, TFDS build {build:.1f} s; "
           f"batch {args.batch}, crop {CROP}, {args.batches} timed batches\n")
-    print("| source | workers | samples/s |\n|---|---|---|")
+    print("| source | workers | samples/s | per worker process |\n|---|---|---|---|")
     for name, source in (("COCO", coco), ("Synthetic", synthetic)):
         for workers in map(int, args.workers.split(",")):
             rate = samples_per_second(source, workers, args.batches, args.batch)
-            print(f"| {name} | {workers} | {rate:.1f} |", flush=True)
+            print(f"| {name} | {workers} | {rate:.1f} | {rate / max(workers, 1):.1f} |", flush=True)
     print("\nms per sample by stage (one process):\n\n| source | " +
           " | ".join(stage_times(coco, 2)) + " |\n|---|---|---|---|---|---|")
     for name, source in (("COCO", coco), ("Synthetic", synthetic)):
