@@ -307,3 +307,17 @@ def test_config_keys_and_validation():
             config_lib.validate_config(bad)
     opts = cd.CustomOptions.from_config(cd.custom_data_defaults({"mask_mode": "instances"}))
     assert opts == cd.CustomOptions(mask_mode="instances")
+
+
+def test_coco_through_the_training_pipeline_marks_crowd_as_ignore(coco, tmp_path):
+    from skipclick_jax.data.pipeline import train_dataset
+
+    info, _ = coco
+    source = load_train_source("COCO", info["json"], data_dir=tmp_path)
+    it = iter(train_dataset(source, crop_size=64, batch_size=4, seed=0, epoch_len=64, num_epochs=1,
+                            min_object_area=10))
+    batches = list(it)
+    assert len(batches) == 16
+    gts = np.concatenate([b["gt"] for b in batches])
+    assert gts.shape == (64, 64, 64) and set(np.unique(gts)) == {-1.0, 0.0, 1.0}
+    assert all(b["image"].shape == (4, 64, 64, 3) and b["points"].shape == (4, 48, 3) for b in batches)
