@@ -224,6 +224,7 @@ def test_coco_recoverable_problems_are_skipped_and_counted(coco, tmp_path, caplo
         d["annotations"].append(dict(_first(d, 1), id=501, segmentation=[[1, 1, 5, 5]]))
         d["annotations"].append(dict(_first(d, 1), id=502, segmentation=[[-5, -5, 30, -5, 30, 20]]))
         d["annotations"].append(dict(_first(d, 1), id=503, segmentation=[]))
+        d["annotations"].append(dict(_first(d, 1), id=504, segmentation=[["a", "b", 1, 2, 3, 4]]))
 
     path = _coco_copy(coco, tmp_path, edit)
     with caplog.at_level(logging.WARNING, "skipclick_jax.data"):
@@ -233,6 +234,7 @@ def test_coco_recoverable_problems_are_skipped_and_counted(coco, tmp_path, caplo
     assert "1 polygons with fewer than 3 points" in text and "annotation id 501" in text
     assert "1 polygons reaching outside the image (clipped)" in text
     assert "annotations without a segmentation" in text
+    assert "1 malformed polygons (not a list of numbers) (e.g. annotations.json annotation id 504)" in text
     assert "1 images without objects (e.g. empty.jpg)" in text
     assert len(ds) == 7  # 6 objects + the clipped polygon
     clipped = ds[3]["gt"] == 1

@@ -361,8 +361,14 @@ def _rle(segm, h: int, w: int, where: str, skipped: Skipped):
         return None
     polygons = []
     for poly in segm:
-        coords = np.asarray(poly, np.float64).ravel() if isinstance(poly, list) else np.zeros(0)
-        if coords.size < 6 or coords.size % 2 or not np.isfinite(coords).all():
+        try:
+            coords = np.asarray(poly, np.float64).ravel() if isinstance(poly, list) else None
+        except (ValueError, TypeError):
+            coords = None
+        if coords is None or not np.isfinite(coords).all():
+            skipped.add("malformed polygons (not a list of numbers)", where)
+            continue
+        if coords.size < 6 or coords.size % 2:
             skipped.add("polygons with fewer than 3 points", where)
             continue
         xs, ys = coords[0::2], coords[1::2]
