@@ -70,7 +70,7 @@ class _Step:
         return 0 if self.prob_s is None else int(self.prob_s.nbytes)
 
 
-def _check_click(row, col, positive) -> tuple[int, int, bool]:
+def check_click(row, col, positive) -> tuple[int, int, bool]:
     """Integers (Python or NumPy, not bool) and a bool; anything else is a TypeError naming it."""
     for name, v in (("row", row), ("col", col)):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
@@ -134,10 +134,14 @@ class _ClickSession:
 
     def undo(self) -> np.ndarray:
         """Removes the last click; returns the probability before it."""
+        self.pop_click()
+        return self.probability
+
+    def pop_click(self) -> None:
+        """`undo` without making the H×W probability (read `mask()` or `probability` later)."""
         self._require_image()
         if len(self._history) > 1:
             self._history.pop()
-        return self.probability
 
     def reset(self) -> None:
         """Removes all clicks (keeps the encoded image)."""
@@ -159,11 +163,16 @@ class _ClickSession:
     def add_click(self, row: int, col: int, positive: bool = True) -> np.ndarray:
         """Adds a click at pixel (row, col) of the original image; returns the new probability
         [H, W]. row and col are integers, positive a bool (TypeError otherwise)."""
+        self.push_click(row, col, positive)
+        return self.probability
+
+    def push_click(self, row: int, col: int, positive: bool = True) -> None:
+        """`add_click` without making the H×W probability (read `mask()` or `probability` later):
+        what a server holding many images calls."""
         clicks = self._next_clicks(row, col, positive)
         points, denom = self._points(clicks)
         prob_s = np.asarray(self._decode(self._prev_s(), points, denom), np.float32)
         self._history.append(_Step(clicks, prob_s))
-        return self.probability
 
     def _prev_s(self) -> np.ndarray:
         """The previous probability as the model sees it: resized to H×W and back to S×S (exactly,
@@ -201,7 +210,7 @@ class _ClickSession:
         self._full = (None, None)
 
     def _next_clicks(self, row: int, col: int, positive: bool) -> list[tuple[int, int, bool]]:
-        row, col, positive = _check_click(row, col, positive)
+        row, col, positive = check_click(row, col, positive)
         self._require_image()
         if not (0 <= row < self.height and 0 <= col < self.width):
             raise ValueError(f"click ({row}, {col}) lies outside the {self.height}x{self.width} image")
