@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from skipclick_jax import checkpoint, config_lib, distributed
@@ -40,7 +39,7 @@ from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
 from skipclick_jax.train.summary import Writer, preview_image
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+config_lib.define_config_flag("config")  # configs/*.py or a run's checkpoints/config.json
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, previews, eval).")
 flags.DEFINE_string("init-from", None, "DINOv2 hub/timm backbone file or SkipClick checkpoint to start from.")
 flags.DEFINE_bool("log-batch-hashes", False, "Write per-row hashes of each process's input to <workdir>/batches/.")
