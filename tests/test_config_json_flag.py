@@ -29,3 +29,28 @@ def test_json_config_flag_loads_json_and_overrides(tmp_path):
     config_lib.define_config_flag("config", flag_values=fv3)
     with pytest.raises(flags.IllegalFlagValueError, match="bad.json"):
         fv3(["train.py", f"--config={bad}"])
+
+
+@pytest.mark.slow
+def test_train_resumes_with_its_own_config_json(tmp_path):
+    """The remedy train.py names for a refused config change works end to end."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = tmp_path / "run"
+
+    def train(config, *overrides):
+        return subprocess.run([sys.executable, str(root / "train.py"), "--config", str(config),
+                               "--workdir", str(run), *overrides], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=900)
+
+    first = train(root / "configs" / "tiny_synthetic.py", "--config.train.num_steps=0",
+                  "--config.data.eval_datasets=()", "--config.data.synthetic.num_train=8",
+                  f"--config.data.data_dir={tmp_path / 'tfds'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train(run / "checkpoints" / "config.json")
+    assert again.returncode == 0, again.stderr[-3000:]
