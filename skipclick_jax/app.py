@@ -23,6 +23,7 @@ an RGBA PNG overlay (opaque object colours, transparent background) as a data UR
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import collections
 import ctypes
@@ -44,6 +45,7 @@ PACKAGE = pathlib.Path(__file__).parent
 STATIC = PACKAGE / "static"
 EXAMPLE = PACKAGE / "assets" / "demo.png"
 MAX_OBJECTS = 255
+UPLOADS = 2  # uploads read and decoded at once (each up to --max-upload-mb + 40 MP x 3 bytes)
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
                     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)],
                    np.uint8)
@@ -320,21 +322,24 @@ def build_app(annotator: Annotator, *, max_upload_bytes: int = 20 * 2**20, max_p
     async def example(request: Request):
         return FileResponse(EXAMPLE, media_type="image/png")
 
+    uploads = asyncio.Semaphore(UPLOADS)
+
     async def upload(request: Request):
         try:
             declared = request.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
                 raise BadRequest(f"upload too large: {int(declared):,} bytes, the limit is "
                                  f"{max_upload_bytes:,}", 413)
-            chunks, total = [], 0
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > max_upload_bytes:
-                    raise BadRequest(f"upload too large: over {max_upload_bytes:,} bytes", 413)
-                chunks.append(chunk)
-            image = await run_in_threadpool(decode_upload, b"".join(chunks), max_pixels)
-            del chunks
-            sid, ms, view = await run_in_threadpool(annotator.open_image, image, True)
+            async with uploads:  # bodies and decoded images in memory: at most UPLOADS at once
+                chunks, total = [], 0
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > max_upload_bytes:
+                        raise BadRequest(f"upload too large: over {max_upload_bytes:,} bytes", 413)
+                    chunks.append(chunk)
+                image = await run_in_threadpool(decode_upload, b"".join(chunks), max_pixels)
+                del chunks
+                sid, ms, view = await run_in_threadpool(annotator.open_image, image, True)
         except BadRequest as e:
             return error(e)
         return JSONResponse(dict(view, width=int(image.shape[1]), height=int(image.shape[0]),
