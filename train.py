@@ -16,14 +16,13 @@ import logging
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from skipclick_jax import checkpoint, config_lib, distributed
 from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 from skipclick_jax.train import checkpointing
 from skipclick_jax.train.trainer import train_and_evaluate
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+config_lib.define_config_flag("config")  # configs/*.py or a run's checkpoints/config.json
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, previews, eval).")
 flags.DEFINE_string("init-from", None, "DINOv2 hub/timm backbone file or SkipClick checkpoint to start from.")
 flags.DEFINE_bool("log-batch-hashes", False, "Write per-row hashes of each process's input to <workdir>/batches/.")

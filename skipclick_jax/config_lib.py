@@ -389,3 +389,30 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config value data.synthetic={dict(d.synthetic)!r} is invalid: {e}") from None
     return cfg
+
+
+def define_config_flag(name: str = "config", help_string: str = "Experiment config file: "
+                       "configs/*.py[:arg] or a run's checkpoints/config.json.", flag_values=None,
+                       lock_config: bool = True, sys_argv: list[str] | None = None):
+    """`ml_collections.config_flags.DEFINE_config_file` that also reads a `.json` config (the one
+    written beside every checkpoint) as JSON instead of executing it as Python; `--name.<key>=v`
+    overrides work for both (`sys_argv`: where to look for them, default sys.argv)."""
+    from absl import flags
+    from ml_collections import config_flags
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    class Parser(ConfigFileFlagParser):
+        def parse(self, path):
+            file, _ = split_config_arg(path) if isinstance(path, str) else (None, None)
+            if file is None or file.suffix != ".json":
+                return super().parse(path)
+            cfg = read_config_json(file)
+            if self._lock_config:
+                cfg.lock()
+            return cfg
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=flag_values,
+                                             lock_config=lock_config, sys_argv=sys_argv)
+    flag_values[name].parser = Parser(name=name, lock_config=lock_config)
+    return holder

@@ -163,10 +163,13 @@ def test_sessions_undo_and_eviction(server):
     assert status == 400 and "outside the 336x448 image" in body["error"]
     status, body = _post_json(server + "/api/click", dict(session=first, row=1))
     assert status == 400 and "col, positive" in body["error"]
-    for _ in range(MAX_SESSIONS):
-        _upload(server, png)
+    others = [_upload(server, png)[1]["session"] for _ in range(MAX_SESSIONS)]
     status, body = _post_json(server + "/api/undo", dict(session=first))  # least recently used: gone
     assert status == 404 and "expired session" in body["error"]
+    status, body = _upload(server, png)  # the others are fresh (not used since uploaded): kept
+    assert status == 503 and "the server is full" in body["error"]
+    for sid in others:  # used now: they may go when room is needed
+        assert _post_json(server + "/api/reset", dict(session=sid))[0] == 200
 
 
 # ----------------------------------------------------------------------------- the browser

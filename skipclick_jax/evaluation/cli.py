@@ -135,7 +135,7 @@ def _main(args, overrides, datasets) -> dict:
         loaded = {name: _load_dataset(name, path, cfg, args.data_dir) for name, path in datasets.items()}
     summary = evaluate(model, loaded, args.out, cfg.eval, data_dir=args.data_dir)
     for name, s in summary.items() if distributed.is_main() else ():
-        nocs = ", ".join(f"NoC@{k}={v:.2f}" for k, v in s["noc"].items())
+        nocs = ", ".join(f"NoC@{k}=" + ("-" if v is None else f"{v:.2f}") for k, v in s["noc"].items())
         print(f"{name}: {s['instances']} instances, {nocs}, {s['clicks_per_second']:.1f} clicks/s")
     return summary
 
