@@ -196,8 +196,10 @@ def config_from_json(text: str, source: str = "config JSON") -> ml_collections.C
 
 
 def read_config_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """`config_from_json` of file `path`; errors name the file."""
-    path = pathlib.Path(path)
+    """`config_from_json` of file `path` (local or gs://); errors name the file."""
+    from skipclick_jax import storage
+
+    path = storage.as_path(path) if storage.is_remote(path) else pathlib.Path(path)
     try:
         text = path.read_text()
     except UnicodeDecodeError:
