@@ -7,7 +7,8 @@ Layout under `<workdir>/checkpoints/`:
   <step>/train/               {'step', 'opt_state', 'rng'} (StandardSave)
   <step>/dataset/             grain iterator state, process_<i>-of-<n>.json
   <step>/SHA256SUMS.json      size and SHA-256 of every file of the step, written once it is complete
-`<workdir>/train.lock` is held (flock) by the process-0 trainer while it runs.
+`<workdir>/train.lock` is held (flock; on gs:// a create-only object, `object_lock`) by the
+process-0 trainer while it runs. The workdir may be local or gs:// (`skipclick_jax.storage`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from skipclick_jax import config_lib
+from skipclick_jax import config_lib, storage
 from skipclick_jax.checkpoint import CorruptCheckpointError, verify_digests, write_digests
 from skipclick_jax.train.state import TrainState, merge_dicts, pick
 
@@ -68,9 +69,22 @@ class WorkdirLock:
 
     The kernel drops the lock when its process dies, so a lock file with content but no holder is
     a stale lock of a run that did not exit cleanly: it is reported (warning) and taken over.
+    A gs:// workdir gets an `object_lock.ObjectLock` instead (same errors and warnings).
     """
 
     def __init__(self, workdir: str | pathlib.Path):
+        self._fd = self._object = None
+        if storage.is_remote(workdir):
+            from skipclick_jax.train.object_lock import LockHeldError, ObjectLock
+
+            self.path = storage.as_path(workdir) / LOCK_FILE
+            try:
+                self._object = ObjectLock(str(self.path))
+            except LockHeldError as e:
+                raise WorkdirError(
+                    f"{self.path.parent} is in use by another train.py run ({e}); wait for it to "
+                    "finish or pass another --workdir") from None
+            return
         self.path = pathlib.Path(workdir).absolute() / LOCK_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -99,6 +113,9 @@ class WorkdirLock:
             return "unreadable lock file"
 
     def release(self) -> None:
+        if self._object is not None:
+            self._object.release()
+            self._object = None
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -119,7 +136,7 @@ class Checkpointer:
         if keep < 1:
             raise config_lib.ConfigError(f"config value train.keep_checkpoints={keep!r} is invalid: "
                                          "expected an integer >= 1")
-        workdir = pathlib.Path(workdir).absolute()
+        workdir = storage.as_path(workdir)
         self.directory = workdir / "checkpoints"
         self._main = jax.process_index() == 0
         self._lock = WorkdirLock(workdir) if self._main else None
@@ -156,7 +173,7 @@ class Checkpointer:
             path = self.directory / "config.json"
             text = config_lib.config_to_json(self._config)
             if not path.is_file() or path.read_text() != text:
-                path.write_text(text)
+                storage.write_atomic(path, text)
 
     def _step_dirs(self) -> list[int]:
         if not self.directory.is_dir():
@@ -288,7 +305,7 @@ class Checkpointer:
             path = self.directory / str(step)
             if path.exists():
                 target = self.directory / f"corrupt_{step}_{int(time.time())}"
-                path.rename(target)
+                storage.move_tree(path, target)
                 log.warning("checkpoint %s failed verification; moved to %s (kept for inspection)",
                             path, target)
         self.manager.reload()
@@ -326,8 +343,9 @@ class Checkpointer:
 
 def truncate_metrics(path: pathlib.Path, step: int) -> None:
     """Drops the rows of metrics.jsonl after `step` (those of a run that stopped after its last
-    checkpoint, which the resumed run logs again); rewritten beside, then renamed."""
-    path = pathlib.Path(path)
+    checkpoint, which the resumed run logs again); rewritten beside, then renamed (gs://: one
+    object rewritten)."""
+    path = storage.as_path(path)
     if not path.is_file():
         return
     keep = []
@@ -338,6 +356,4 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
             continue  # a line cut off by a kill
         if row_step <= step:
             keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    storage.write_atomic(path, "".join(keep))

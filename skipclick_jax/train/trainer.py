@@ -3,13 +3,12 @@ runs the NoC evaluation. `train.py` is its command line.
 
 The run directory holds checkpoints/ (orbax, with config.json), tensorboard/, images/
 (previews), metrics.jsonl and eval/; re-running with the same directory resumes from its latest
-readable checkpoint.
+readable checkpoint. The run directory may be local or gs:// (`skipclick_jax.storage`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import pathlib
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from skipclick_jax import checkpoint, config_lib, distributed
+from skipclick_jax import checkpoint, config_lib, distributed, storage
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.pipeline import make_global_batch, train_dataset
 from skipclick_jax.data.points_sampler import MultiPointSampler
@@ -31,7 +30,7 @@ from skipclick_jax.data.train_datasets import load_train_source
 from skipclick_jax.evaluation.evaluate import evaluate
 from skipclick_jax.model import build_model
 from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
-from skipclick_jax.train.summary import Writer, preview_image
+from skipclick_jax.train.summary import MetricsLog, Writer, preview_image
 
 __all__ = ["train_and_evaluate"]
 
@@ -55,7 +54,7 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
     config_lib.validate_config(cfg)
     tc = cfg.train
     distributed.initialize(distributed.Launch(auto=tc.distributed))
-    workdir = pathlib.Path(workdir)
+    workdir = storage.check_access(workdir, write=True, what="--workdir")  # named errors, early
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = distributed.is_main()
 
@@ -142,7 +141,7 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
                 f"stopped. Last good checkpoint: step {ckpt.latest_step} in {ckpt.directory}")
         return m
 
-    metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
+    metrics_file = MetricsLog(workdir / "metrics.jsonl") if is_main else None
     bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not is_main,
                dynamic_ncols=True)
     pending, last_log = None, (start, time.perf_counter())
@@ -168,8 +167,7 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.1e}",
                                 samples_s=f"{m['samples_per_sec']:.1f}")
                 if metrics_file:
-                    metrics_file.write(json.dumps(dict(step=step, **m)) + "\n")
-                    metrics_file.flush()
+                    metrics_file.write(dict(step=step, **m))
 
             if tc.image_summary_every_steps > 0 and step % tc.image_summary_every_steps == 0:
                 p = jax.device_get(preview(state, frozen, batch))
@@ -181,6 +179,8 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
                     raise FloatingPointError(
                         f"non-finite parameters after step {step}; not saved. Last good checkpoint: "
                         f"step {ckpt.latest_step} in {ckpt.directory}")
+                if metrics_file:
+                    metrics_file.flush()  # gs://: the rows up to this checkpoint survive a kill
                 ckpt.save(state, frozen, iterator)
         if pending is not None:
             check(*pending)
