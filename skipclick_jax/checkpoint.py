@@ -49,12 +49,14 @@ def _sha256(path: pathlib.Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_digests(directory: str | os.PathLike) -> pathlib.Path:
-    """Records {relative path: {size, sha256}} of every file under `directory` in its DIGESTS
-    file (written beside, then renamed, so it is complete or absent)."""
+def write_digests(directory: str | os.PathLike, exclude: tuple[str, ...] = ()) -> pathlib.Path:
+    """Records {relative path: {size, sha256}} of every file under `directory` (but the relative
+    paths in `exclude`) in its DIGESTS file (written beside, then renamed, so it is complete or
+    absent)."""
     directory = pathlib.Path(directory)
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != DIGESTS
-                   and not p.name.startswith(f".{DIGESTS}"))
+                   and not p.name.startswith(f".{DIGESTS}")
+                   and p.relative_to(directory).as_posix() not in exclude)
     table = {p.relative_to(directory).as_posix(): dict(size=p.stat().st_size, sha256=_sha256(p))
              for p in files}
     tmp = directory / f".{DIGESTS}.tmp"
