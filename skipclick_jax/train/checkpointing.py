@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_KEYS = (
     "train.num_steps", "train.num_epochs", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.log_every_steps", "train.image_summary_every_steps", "train.num_image_summaries",
-    "train.eval_untrained", "train.distributed", "train.mesh.", "train.optimizer.",
+    "train.eval_untrained", "train.distributed", "train.profile_steps", "train.mesh.", "train.optimizer.",
     "train.lr_milestones", "train.lr_gamma", "data.num_workers", "data.data_dir",
     "data.eval_datasets", "data.eval_roots.", "eval.",
 )
