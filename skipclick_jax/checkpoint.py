@@ -49,12 +49,13 @@ def _sha256(path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_digests(directory: str | os.PathLike):
-    """Records {relative path: {size, sha256}} of every file under `directory` (local or
-    gs://) in its DIGESTS file (`storage.write_atomic`: complete or absent)."""
+def write_digests(directory: str | os.PathLike, exclude: tuple[str, ...] = ()):
+    """Records {relative path: {size, sha256}} of every file under `directory` (local or gs://;
+    but the relative paths in `exclude`) in its DIGESTS file (`storage.write_atomic`: written
+    beside, then renamed, or one object upload, so it is complete or absent)."""
     directory = storage.as_path(directory)
     names = [n for n in storage.list_files(directory)
-             if n != DIGESTS and not n.rsplit("/", 1)[-1].startswith(f".{DIGESTS}")]
+             if n != DIGESTS and not n.rsplit("/", 1)[-1].startswith(f".{DIGESTS}") and n not in exclude]
     table = {n: dict(size=_size(directory / n), sha256=_sha256(directory / n)) for n in names}
     return storage.write_atomic(directory / DIGESTS, json.dumps(table, indent=1, sort_keys=True))
 

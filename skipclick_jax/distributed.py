@@ -228,16 +228,25 @@ class SyncedJit:
     def __init__(self, jitted, name: str):
         self._jitted, self._name, self._compiled = jitted, name, {}
 
-    def __call__(self, *args):
-        if not is_initialized() or jax.process_count() == 1:
-            return self._jitted(*args)
+    @staticmethod
+    def _key(args):
         leaves, treedef = jax.tree.flatten(args)
-        key = (treedef, tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None))
-                              for x in leaves))
+        return (treedef, tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None))
+                               for x in leaves))
+
+    def compile(self, *args):
+        """The compiled executable for `args`' signature (compiled now if new, then the processes
+        meet); e.g. to time the compile apart from the first run, or for its cost_analysis()."""
+        key = self._key(args)
         if key not in self._compiled:
             self._compiled[key] = self._jitted.lower(*args).compile()
             barrier(f"compiled {self._name}")
-        return self._compiled[key](*args)
+        return self._compiled[key]
+
+    def __call__(self, *args):
+        if not self._compiled and (not is_initialized() or jax.process_count() == 1):
+            return self._jitted(*args)
+        return self.compile(*args)(*args)
 
 
 def _client():
