@@ -284,6 +284,25 @@ def test_missing_credentials_are_named(tmp_path):
     assert "GOOGLE_APPLICATION_CREDENTIALS" in proc.stdout
 
 
+def test_permission_and_other_errors_are_named():
+    """fake-gcs-server has no IAM: the mapping of a 403 (gcsfs raises it as an HttpError or a
+    PermissionError) to the message is checked directly."""
+    from skipclick_jax import storage
+
+    class HttpError(Exception):
+        code = 403
+
+    for error in (PermissionError("Forbidden"), HttpError("caller does not have storage.objects.create")):
+        e = storage._named(error, "gs://runs-bucket/a", "--workdir", writing=True)
+        assert isinstance(e, storage.StorageError)
+        assert str(e).startswith("--workdir gs://runs-bucket/a: permission denied to write to gs://runs-bucket")
+        assert "roles/storage.objectAdmin" in str(e)
+    other = storage._named(TimeoutError("timed out"), "gs://runs-bucket/a", "checkpoint")
+    assert str(other).startswith("checkpoint gs://runs-bucket/a: cannot read gs://runs-bucket (TimeoutError")
+    with pytest.raises(storage.StorageError, match="no bucket in the gs:// path"):
+        storage.check_access("gs://", write=False)
+
+
 # ---------------------------------------------------------------------- kill and resume
 def _train_cmd(workdir: str, data_dir: str, num_steps: int) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.py"),
