@@ -2,7 +2,8 @@
 
 Every path the project reads or writes goes through `as_path`: a `pathlib.Path` on a local disk
 (behaviour unchanged), an `etils.epath.Path` (gcsfs) for gs://. Object storage has no appends,
-no atomic renames of folders and no `flock`; the helpers here give the few operations the project needs one meaning on both:
+no atomic renames of folders and no `flock`; the helpers here give the few operations the
+project needs one meaning on both:
 
   write_atomic(path, data)       complete or absent (local: written beside, renamed; gs://: one
                                  object upload, which is atomic)
@@ -211,11 +212,11 @@ def create_only(path: str | os.PathLike, data: bytes) -> int | None:
 def generation(path: str | os.PathLike) -> int | None:
     """The generation of gs:// object `path` (None if absent)."""
     fs = _fs()
+    fs.invalidate_cache(_key(path))  # the live object, not a listing's cached entry
     try:
         info = fs.info(_key(path))
     except FileNotFoundError:
         return None
-    fs.invalidate_cache(_key(path))
     return int(info["generation"]) if info.get("generation") else None
 
 
@@ -225,10 +226,8 @@ def delete_if_generation(path: str | os.PathLike, gen: int) -> bool:
     b, key = _key(path).split("/", 1)
     try:
         fs.call("DELETE", "b/{}/o/{}", b, key, ifGenerationMatch=str(gen))
-    except (FileNotFoundError, OSError) as e:
-        if isinstance(e, FileNotFoundError) or "412" in str(e) or "Precondition" in str(e):
-            return False
-        raise
+    except (FileNotFoundError, FileExistsError):  # gone, or 412: another generation now
+        return False
     finally:
         fs.invalidate_cache(_key(path))
     return True
@@ -286,7 +285,8 @@ def _named(e: Exception, path, what: str, writing: bool = False) -> StorageError
     text = str(e)
     code = getattr(e, "code", None)
     verb = "write to" if writing else "read"
-    if isinstance(e, PermissionError) or code in (401, 403) or "403" in text or "401" in text:
+    if (isinstance(e, PermissionError) or code in (401, 403) or text.startswith("Forbidden")
+            or "403" in text or "401" in text):  # gcsfs: 403 -> OSError('Forbidden: ...')
         return StorageError(f"{what} {path}: permission denied to {verb} gs://{bucket(path)} "
                             f"({type(e).__name__}: {text[:300]}); grant the account "
                             "roles/storage.objectAdmin (read-only: objectViewer) on the bucket")

@@ -116,6 +116,10 @@ def _run_child(out: pathlib.Path, bucket: str) -> None:
     model, loaded_cfg = skipclick_jax.load(run)
     local_model, _ = skipclick_jax.load(_download(storage, run, out / "run_copy"))
     rep["load_equal_to_local_copy"] = _same_params(model, local_model)
+    from skipclick_jax.demo import load_model  # the app's --checkpoint
+
+    app_model, rep["app_description"] = load_model(run)
+    rep["app_equal"] = _same_params(app_model, model)
     checkpoint.save(f"{gs}/exported", model, loaded_cfg)
     rep["exported_files"] = storage.list_files(f"{gs}/exported")
     rep["exported_equal"] = _same_params(skipclick_jax.load(f"{gs}/exported")[0], model)
@@ -156,6 +160,21 @@ def _run_child(out: pathlib.Path, bucket: str) -> None:
     rep["batches_equal"] = all(
         a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(local_b, remote_b))
     rep["grain"] = grain.__version__ if hasattr(grain, "__version__") else ""
+
+    # One command copies local builds up; a build whose upload was cut off (no dataset_info.json)
+    # is not read but uploaded again.
+    from skipclick_jax.data import upload
+
+    rep["upload_rc"] = upload.main(["--from", str(out / "tfds_local"), "--to", f"{gs}/tfds3"])
+    rep["uploaded"] = storage.list_files(f"{gs}/tfds3")
+    info = next(n for n in rep["uploaded"] if n.startswith("skipclick_eval/") and n.endswith("dataset_info.json"))
+    storage.as_path(f"{gs}/tfds3/{info}").unlink()
+    os.environ["SKIPCLICK_TFDS_STAGING"] = str(out / "staging3")
+    again = load_eval_dataset("Synthetic", data_dir=f"{gs}/tfds3", synthetic=synthetic)
+    rep["reupload_equal"] = len(again) == len(local_eval) and all(
+        _equal_records(local_eval[i], again[i]) for i in range(len(local_eval)))
+    rep["reuploaded_info"] = storage.as_path(f"{gs}/tfds3/{info}").is_file()
+    rep["upload_again"] = _outcome(lambda: upload.main(["--from", str(out / "tfds_local"), "--to", f"{gs}/tfds3"]))
 
     # Named, early errors; nothing written.
     rep["no_bucket_train"] = _outcome(lambda: trainer.train_and_evaluate(cfg, "gs://no-such-bucket-x/run"))
@@ -215,7 +234,7 @@ def report(gcs_server, tmp_path_factory):
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rep = json.loads((out / "report.json").read_text())
-    rep["stderr"] = proc.stderr
+    rep["stderr"], rep["stdout"] = proc.stderr, proc.stdout
     return rep
 
 
@@ -244,6 +263,7 @@ def test_second_run_on_a_gs_workdir_is_refused_and_stale_lock_taken_over(report)
 
 def test_load_save_and_convert_on_gs(report):
     assert report["load_equal_to_local_copy"]
+    assert report["app_equal"] and report["app_description"] == "checkpoint gs://skipclick-test/runs/a"
     assert "SHA256SUMS.json" in report["exported_files"] and "config.json" in report["exported_files"]
     assert report["exported_equal"]
     assert report["save_again_error"].startswith("FileExistsError")
@@ -260,6 +280,14 @@ def test_dataset_from_gs_data_dir_equals_local(report):
     assert report["eval_records"][0] == report["eval_records"][1] > 0
     assert report["eval_records_equal"]
     assert report["batches_equal"]
+
+
+def test_upload_command_and_interrupted_upload(report):
+    assert report["upload_rc"] == 0 and report["upload_again"] is None
+    for kind in ("skipclick_eval", "skipclick_train"):
+        assert any(n.startswith(f"{kind}/") and n.endswith("/dataset_info.json") for n in report["uploaded"])
+    assert report["reupload_equal"] and report["reuploaded_info"]
+    assert "already on gs://skipclick-test/tfds3, skipped" in report["stdout"]
 
 
 def test_missing_bucket_is_named_early_and_nothing_is_written(report):
@@ -292,7 +320,8 @@ def test_permission_and_other_errors_are_named():
     class HttpError(Exception):
         code = 403
 
-    for error in (PermissionError("Forbidden"), HttpError("caller does not have storage.objects.create")):
+    for error in (OSError("Forbidden: runs-bucket/a/.write_probe_1\nno storage.objects.create"),
+                  PermissionError("denied"), HttpError("caller does not have storage.objects.create")):
         e = storage._named(error, "gs://runs-bucket/a", "--workdir", writing=True)
         assert isinstance(e, storage.StorageError)
         assert str(e).startswith("--workdir gs://runs-bucket/a: permission denied to write to gs://runs-bucket")

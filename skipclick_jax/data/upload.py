@@ -14,14 +14,16 @@ import pathlib
 import sys
 
 from skipclick_jax import storage
-from skipclick_jax.data.builders import DEFAULT_DATA_DIR, INFO_FILE, SkipclickEval, SkipclickTrain, upload_build
+from skipclick_jax.data.builders import (DEFAULT_DATA_DIR, INFO_FILE, SkipclickEval,
+                                         SkipclickTrain, upload_build)
 
 
 def local_builds(root: pathlib.Path) -> list[str]:
     """'<builder>/<config>/<version>' of every complete build below `root`."""
     found = []
     for cls in (SkipclickEval, SkipclickTrain):
-        found += sorted(str(info.parent.relative_to(root)) for info in (root / cls.name).glob(f"*/*/{INFO_FILE}"))
+        infos = (root / cls.name).glob(f"*/*/{INFO_FILE}")
+        found += sorted(info.parent.relative_to(root).as_posix() for info in infos)
     return found
 
 
