@@ -123,6 +123,16 @@ def _run_child(out: pathlib.Path, bucket: str) -> None:
     checkpoint.save(f"{gs}/exported", model, loaded_cfg)
     rep["exported_files"] = storage.list_files(f"{gs}/exported")
     rep["exported_equal"] = _same_params(skipclick_jax.load(f"{gs}/exported")[0], model)
+    # --init-from gs://: a new run starts from the exported weights (0 steps: its state is them).
+    import copy
+
+    from skipclick_jax.weights.mapping import flatten
+
+    cfg0 = copy.deepcopy(cfg)
+    cfg0.train.num_steps, cfg0.data.eval_datasets = 0, ()
+    started = dict(flatten(trainer.train_and_evaluate(cfg0, f"{gs}/runs/b", init_from=f"{gs}/exported").params))
+    exported = _params(model)
+    rep["init_from_equal"] = bool(started) and all(np.array_equal(np.asarray(v), exported[k]) for k, v in started.items())
     rep["save_again_error"] = _outcome(lambda: checkpoint.save(f"{gs}/exported", model, loaded_cfg))
     rep["convert_rc"] = convert.main([run, "--out", f"{gs}/converted.safetensors"])
     rep["converted_equal"] = _same_params(
@@ -266,6 +276,7 @@ def test_load_save_and_convert_on_gs(report):
     assert report["app_equal"] and report["app_description"] == "checkpoint gs://skipclick-test/runs/a"
     assert "SHA256SUMS.json" in report["exported_files"] and "config.json" in report["exported_files"]
     assert report["exported_equal"]
+    assert report["init_from_equal"]
     assert report["save_again_error"].startswith("FileExistsError")
     assert report["convert_rc"] == 0 and report["converted_equal"]
 
