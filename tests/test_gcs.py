@@ -110,6 +110,18 @@ def _run_child(out: pathlib.Path, bucket: str) -> None:
     with _captured("skipclick_jax.train.object_lock") as records:
         checkpointing.WorkdirLock(run).release()
     rep["stale_warnings"] = records
+    # Another host's lock: refused while its heartbeat is fresh, taken over once it is older than
+    # object_lock.STALE_AFTER_S.
+    from skipclick_jax.train import object_lock
+
+    other = dict(pid=1, host="another-host", started="then")
+    storage.write_atomic(f"{run}/train.lock", json.dumps(dict(other, heartbeat=time.time())))
+    rep["other_host_error"] = _outcome(lambda: checkpointing.WorkdirLock(run))
+    old = time.time() - object_lock.STALE_AFTER_S - 5
+    storage.write_atomic(f"{run}/train.lock", json.dumps(dict(other, heartbeat=old)))
+    with _captured("skipclick_jax.train.object_lock") as records:
+        checkpointing.WorkdirLock(run).release()
+    rep["old_heartbeat_warnings"] = records
 
     # skipclick_jax.load reads the gs:// run; checkpoint.save writes gs:// (digests last); the
     # converter reads gs:// and writes gs://.
@@ -269,6 +281,9 @@ def test_second_run_on_a_gs_workdir_is_refused_and_stale_lock_taken_over(report)
     assert not report["lock_after_release"]
     assert len(report["stale_warnings"]) == 1 and "stale lock" in report["stale_warnings"][0]
     assert "is gone" in report["stale_warnings"][0]
+    assert report["other_host_error"].startswith("WorkdirError: ")
+    assert "(pid 1 on another-host, started then)" in report["other_host_error"]
+    assert len(report["old_heartbeat_warnings"]) == 1 and "no heartbeat for" in report["old_heartbeat_warnings"][0]
 
 
 def test_load_save_and_convert_on_gs(report):
