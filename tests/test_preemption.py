@@ -146,7 +146,8 @@ def _kill_chain(tmp: pathlib.Path, args: list[str], moments, reference: dict[int
     then lets it finish; checks each resume and the final losses. Returns one record per kill."""
     workdir = pathlib.Path(args[args.index("--workdir") + 1])
     records, prev = [], None
-    for i, (name, cond) in enumerate([*moments, None]):
+    for i, moment in enumerate([*moments, None]):
+        name, cond = moment or (None, None)
         run = Run(args, tmp / f"run{i}.log")
         if prev is not None:  # the previous kill's resume
             prev["resumed_from"] = None
