@@ -252,7 +252,7 @@ def test_sigterm_saves_the_current_step_and_resumes(reference, tmp_path):
     # The printed command resumes it (config.json of the run: the same config).
     resume = m.group(4).split()
     assert resume[:2] == ["python", "train.py"]
-    again = Run(resume[2:], tmp_path / "resume.log")
+    again = Run([str(ROOT / "train.py"), *resume[2:]], tmp_path / "resume.log")
     assert again.wait() == 0, again.text()[-3000:]
     assert _resumed_from(again.text()) == step
     got = _metrics(tmp_path / "run")
