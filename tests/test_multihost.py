@@ -27,6 +27,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2
 LAUNCH_TIMEOUT_S = 480  # hard limit per launch (all its processes)
+# The coordination service (inside process 0) declares a peer dead when its last recorded
+# heartbeat is older than this; peers send one every HEARTBEAT_S / 2, so a stall of process 0 (a
+# starved, loaded machine) longer than about HEARTBEAT_S / 2 already reads as a dead, healthy
+# peer: with 10 s, 6-9 s of starvation aborted both processes (docs/training.md).
+HEARTBEAT_S = 60
 # Cheaper LLVM passes: these runs are compile-bound and run only a few tiny steps.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -52,7 +57,7 @@ class Launch:
     """`nproc` processes of one command (`python args...`), each with 8 // nproc CPU devices,
     joined over 127.0.0.1 (always through a coordination service, even for one process)."""
 
-    def __init__(self, args: list[str], nproc: int, logs: pathlib.Path, heartbeat: int = 10):
+    def __init__(self, args: list[str], nproc: int, logs: pathlib.Path, heartbeat: int = HEARTBEAT_S):
         port = _free_port()
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}")
@@ -238,7 +243,7 @@ def test_multihost_eval_cli_matches_one_process(runs, tfds_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- failures
-FAILURE_BOUND_S = 60  # a peer's death stops the others within this (heartbeat 10 s in these tests)
+FAILURE_BOUND_S = HEARTBEAT_S + 60  # a peer's death stops the others within this
 
 
 def _stops_with_message(launch: Launch, survivor: int, killed_at: float) -> float:
