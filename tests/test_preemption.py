@@ -229,6 +229,7 @@ def test_kill_at_several_moments_resumes_from_the_newest_complete_step(reference
 
 
 def _stop_with(sig: int, reference, tmp_path, twice: bool = False):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     args = _args(tmp_path / "run", STEPS, EVERY)
     run = Run(args, tmp_path / "first.log")
     assert run.wait_for(lambda: _last_step(tmp_path / "run") >= 3, "step 3")
