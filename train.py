@@ -13,6 +13,7 @@ is `skipclick_jax.train.trainer.train_and_evaluate`.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 
 from absl import app, flags
@@ -46,7 +47,8 @@ def main(argv):
         train_and_evaluate(cfg, flags.FLAGS.workdir, flags.FLAGS["init-from"].value,
                            flags.FLAGS["log-batch-hashes"].value)
     except Preempted as e:  # the step is saved and sealed; all processes stopped at it
-        print(f"train.py: {e}", flush=True)
+        print(f"train.py: {e} Resume with the same command: python {shlex.join(sys.argv)}",
+              flush=True)
         distributed.shutdown()
         sys.exit(e.exit_code)
     except (config_lib.ConfigError, checkpoint.CheckpointError, checkpointing.WorkdirError,

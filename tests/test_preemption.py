@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -146,7 +147,8 @@ def _kill_chain(tmp: pathlib.Path, args: list[str], moments, reference: dict[int
     then lets it finish; checks each resume and the final losses. Returns one record per kill."""
     workdir = pathlib.Path(args[args.index("--workdir") + 1])
     records, prev = [], None
-    for i, (name, cond) in enumerate([*moments, None]):
+    for i, moment in enumerate([*moments, None]):
+        name, cond = moment or (None, None)
         run = Run(args, tmp / f"run{i}.log")
         if prev is not None:  # the previous kill's resume
             prev["resumed_from"] = None
@@ -227,6 +229,7 @@ def test_kill_at_several_moments_resumes_from_the_newest_complete_step(reference
 
 
 def _stop_with(sig: int, reference, tmp_path, twice: bool = False):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     args = _args(tmp_path / "run", STEPS, EVERY)
     run = Run(args, tmp_path / "first.log")
     assert run.wait_for(lambda: _last_step(tmp_path / "run") >= 3, "step 3")
@@ -241,17 +244,18 @@ def test_sigterm_saves_the_current_step_and_resumes(reference, tmp_path):
     run, code, args = _stop_with(signal.SIGTERM, reference, tmp_path)
     text = run.text()
     assert code == 128 + signal.SIGTERM, text[-3000:]
-    m = re.search(r"stopped by SIGTERM after step (\d+); saved in (\S+)/(\d+)\. Resume with: (.+)", text)
+    m = re.search(r"stopped by SIGTERM after step (\d+); saved in (\S+)/(\d+)\. Resume with the same "
+                  r"command: (.+)", text)
     assert m, text[-3000:]
     step = int(m.group(1))
     assert 3 <= step < STEPS and int(m.group(3)) == step
     assert m.group(2) == str((tmp_path / "run" / "checkpoints").absolute())
     assert _committed(tmp_path / "run")[-1] == step
     assert (tmp_path / "run" / "checkpoints" / str(step) / "SHA256SUMS.json").is_file()
-    # The printed command resumes it (config.json of the run: the same config).
-    resume = m.group(4).split()
-    assert resume[:2] == ["python", "train.py"]
-    again = Run(resume[2:], tmp_path / "resume.log")
+    # The printed command resumes it.
+    resume = shlex.split(m.group(4))
+    assert resume[0] == "python" and resume[1:] == args, resume
+    again = Run(resume[1:], tmp_path / "resume.log")
     assert again.wait() == 0, again.text()[-3000:]
     assert _resumed_from(again.text()) == step
     got = _metrics(tmp_path / "run")

@@ -25,13 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
-    """The run stopped on a signal after saving `step` (exit status `exit_code`)."""
+    """The run stopped on a signal after saving `step` (exit status `exit_code`); re-running the
+    same command resumes it."""
 
-    def __init__(self, signum: int, step: int, directory: str, resume: str):
-        self.signum, self.step, self.directory, self.resume = signum, step, directory, resume
+    def __init__(self, signum: int, step: int, directory: str):
+        self.signum, self.step, self.directory = signum, step, directory
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved in "
-                         f"{directory}/{step}. Resume with: {resume}")
+                         f"{directory}/{step}.")
 
 
 def _sync_manager():

@@ -53,11 +53,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
         return _train_and_evaluate(cfg, workdir, init_from, cleanup, log_batch_hashes)
 
 
-def resume_command(workdir: pathlib.Path) -> str:
-    """The command line that resumes the run in `workdir` (its recorded config)."""
-    return f"python train.py --config {workdir / 'checkpoints' / 'config.json'} --workdir {workdir}"
-
-
 def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, log_batch_hashes=False):
     t_start = time.perf_counter()
     config_lib.validate_config(cfg)
@@ -232,7 +227,7 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
             if stop:
                 with timer.phase("checkpoint"):
                     ckpt.wait()
-                raise Preempted(signals.signum, step, str(ckpt.directory), resume_command(workdir))
+                raise Preempted(signals.signum, step, str(ckpt.directory))
         if pending is not None:
             check(*pending)
     finally:
