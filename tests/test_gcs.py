@@ -83,6 +83,9 @@ def _run_child(out: pathlib.Path, bucket: str) -> None:
     from skipclick_jax.evaluation import cli as eval_cli
     from skipclick_jax.train import checkpointing, trainer
 
+    from skipclick_jax.runtime import enable_compilation_cache
+
+    enable_compilation_cache()  # the project's XLA cache, as train.py and eval.py use it
     logging.basicConfig(level=logging.WARNING)
     gs = f"gs://{bucket}"
     rep = {}
@@ -240,9 +243,8 @@ def _buckets() -> list[str]:
         return sorted(b["name"] for b in json.loads(r.read()).get("items", []))
 
 
-def _env(server, out: pathlib.Path) -> dict:
+def _env(server) -> dict:
     return dict(os.environ, **server.env, JAX_PLATFORMS="cpu",
-                JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
                 PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
@@ -252,7 +254,7 @@ def report(gcs_server, tmp_path_factory):
     out = tmp_path_factory.mktemp("gcs")
     bucket = "skipclick-test"
     gcs_server.make_bucket(bucket)
-    proc = subprocess.run([sys.executable, __file__, str(out), bucket], env=_env(gcs_server, out),
+    proc = subprocess.run([sys.executable, __file__, str(out), bucket], env=_env(gcs_server),
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     rep = json.loads((out / "report.json").read_text())
@@ -369,8 +371,8 @@ def _train_cmd(workdir: str, data_dir: str, num_steps: int) -> list[str]:
 def test_killed_gs_run_resumes_with_identical_losses(gcs_server, tmp_path):
     bucket = "skipclick-resume"
     gs = gcs_server.make_bucket(bucket)
-    env = _env(gcs_server, tmp_path)
-    steps = 8
+    env = _env(gcs_server)
+    steps = 6
     ref = subprocess.run(_train_cmd(f"{gs}/ref", f"{gs}/tfds", steps), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-5000:]
