@@ -117,7 +117,7 @@ def _resumed_from(text: str) -> int:
 # same: step k the newest complete).
 def _new(path: pathlib.Path, run: Run) -> bool:
     try:
-        return path.stat().st_ctime >= run.started_at - 1
+        return path.stat().st_ctime >= run.started_at
     except FileNotFoundError:
         return False
 
