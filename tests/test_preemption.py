@@ -117,7 +117,7 @@ def _resumed_from(text: str) -> int:
 # same: step k the newest complete).
 def _new(path: pathlib.Path, run: Run) -> bool:
     try:
-        return path.stat().st_ctime >= run.started_at - 1
+        return path.stat().st_ctime >= run.started_at
     except FileNotFoundError:
         return False
 
@@ -293,3 +293,30 @@ def test_kill_sweep(tmp_path):
     print("\n".join(json.dumps(r) for r in records))
     assert len(records) >= 20
     assert all(r["steps_lost"] == r["reached"] - r["newest_complete"] for r in records)
+
+
+@pytest.mark.parametrize("spec", ["5:2", "0:3", "3", "a:b", "2:3:4", " "])
+def test_bad_profile_steps_are_refused(spec):
+    from skipclick_jax import config_lib
+
+    cfg = config_lib.base_config(config_lib.tiny_model_config())
+    cfg.train.profile_steps = spec
+    with pytest.raises(config_lib.ConfigError, match="train.profile_steps"):
+        config_lib.validate_config(cfg)
+
+
+def test_profile_range_and_peak_table():
+    import jax
+    import jax.numpy as jnp
+
+    from skipclick_jax.train.defaults import profile_range
+    from skipclick_jax.train.timing import peak_tflops, step_flops
+
+    assert profile_range("") is None and profile_range("20:25") == (20, 25)
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989 and peak_tflops("NVIDIA H100 PCIe") == 756
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312 and peak_tflops("NVIDIA H200") == 989
+    assert peak_tflops("TPU v5 lite") == 197 and peak_tflops("TPU v5p") == 459
+    assert peak_tflops("TPU v4") == 275 and peak_tflops("TPU v6 lite") == 918
+    assert peak_tflops("cpu") is None and peak_tflops("NVIDIA GeForce RTX 4090") is None
+    compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+    assert step_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.05)
