@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from skipclick_jax.evaluation.cli import main
+from skipclick_jax.storage import StorageError
 from skipclick_jax.evaluation.evaluate import evaluate
 
 __all__ = ["evaluate", "main"]
@@ -19,5 +20,5 @@ __all__ = ["evaluate", "main"]
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError, ConfigError, LayoutError
+    except (ValueError, KeyError, FileNotFoundError, StorageError) as e:  # CheckpointError, ConfigError, LayoutError
         sys.exit(f"eval.py: error: {e}")

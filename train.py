@@ -13,13 +13,15 @@ is `skipclick_jax.train.trainer.train_and_evaluate`.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 
 from absl import app, flags
 
-from skipclick_jax import checkpoint, config_lib, distributed
+from skipclick_jax import checkpoint, config_lib, distributed, storage
 from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
 from skipclick_jax.train import checkpointing
+from skipclick_jax.train.preemption import Preempted
 from skipclick_jax.train.trainer import train_and_evaluate
 
 config_lib.define_config_flag("config")  # configs/*.py or a run's checkpoints/config.json
@@ -43,8 +45,14 @@ def main(argv):
     try:
         train_and_evaluate(cfg, flags.FLAGS.workdir, flags.FLAGS["init-from"].value,
                            flags.FLAGS["log-batch-hashes"].value)
+    except Preempted as e:  # the step is saved and sealed; all processes stopped at it
+        print(f"train.py: {e} Resume with the same command: python {shlex.join(sys.argv)}",
+              flush=True)
+        distributed.shutdown()
+        sys.exit(e.exit_code)
     except (config_lib.ConfigError, checkpoint.CheckpointError, checkpointing.WorkdirError,
-            checkpointing.CheckpointSaveError, FileNotFoundError, FloatingPointError) as e:
+            checkpointing.CheckpointSaveError, FileNotFoundError, FloatingPointError,
+            storage.StorageError) as e:
         log.error("%s: %s", type(e).__name__, e)
         distributed.fail(e)
         sys.exit(f"train.py: error: {e}")

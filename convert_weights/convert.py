@@ -18,6 +18,7 @@ import tempfile
 
 import ml_collections
 
+from skipclick_jax import storage
 from skipclick_jax.weights import CheckpointError, mapping
 from skipclick_jax.weights.importer import (  # noqa: F401  (re-exported for the parity layer)
     CONFIG_KEY, FORMATS, backbone_params, export_state_dict, import_weights, model_section,
@@ -27,7 +28,15 @@ from skipclick_jax.weights.importer import (  # noqa: F401  (re-exported for the
 EXPORT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
+def _atomic_write(path, write) -> None:
+    """`write(tmp)` fills a file beside `path` that then replaces it; a gs:// `path` is written
+    locally and uploaded as one object (complete or absent)."""
+    if storage.is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="skipclick-export-") as tmp:
+            local = pathlib.Path(tmp) / path.name
+            write(str(local))
+            storage.write_atomic(path, local.read_bytes())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -47,7 +56,7 @@ def export_weights(model, cfg: ml_collections.ConfigDict, path: str | os.PathLik
     weights_only=True; needs torch) or `.safetensors` (project config in the metadata)."""
     from skipclick_jax.config_lib import config_to_json
 
-    path = pathlib.Path(path)
+    path = storage.as_path(path) if storage.is_remote(path) else pathlib.Path(path)
     cfg = model_section(cfg)
     sd = export_state_dict(model, cfg)
     if path.suffix == ".safetensors":
@@ -102,12 +111,20 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = ap.parse_args(argv)
 
-    out = pathlib.Path(args.out)
+    if storage.is_remote(args.out):
+        try:  # a missing bucket or credentials: named now, not after the conversion
+            out = storage.check_access(args.out, write=True, what="--out")
+        except storage.StorageError as e:
+            ap.error(str(e))
+        exists = out.exists() or bool(storage.list_files(out))
+    else:
+        out = pathlib.Path(args.out)
+        exists = out.exists()
     if out.suffix and out.suffix not in EXPORT_SUFFIXES and not args.out.endswith(("/", os.sep)):
         ap.error(f"--out {args.out}: unsupported file type {out.suffix!r}; use a .pth/.pt/.safetensors "
                  "file to export a state dict, or a directory name without an extension (or ending "
                  "in /) for a project checkpoint")
-    if out.exists() and not args.overwrite:
+    if exists and not args.overwrite:
         ap.error(f"{out} exists (use --overwrite)")
     config = load_config_file(args.config) if args.config else None
     try:

@@ -4,7 +4,7 @@
 # One venv per Python version and dependency set, outside the clone so fresh clones reuse it:
 #   ${SKIPCLICK_CACHE:-~/.cache/skipclick-jax}/venv-py<X.Y.Z>-<hash of the interpreter,
 #   pyproject.toml's [project] requirements and this script>
-# Installs the package (editable) with the test, export and app extras, plus the torch extra
+# Installs the package (editable) with the test, export, app and gcs extras, plus the torch extra
 # (converters, parity tests) on Python 3.11, the only version with local torch wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,8 @@ if ! pyver=$("$python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])'
   exit 1
 fi
 case "$pyver" in
-  3.11.*) extras="test,torch,export,app" ;;
-  3.1[2-9].*) extras="test,export,app" ;;
+  3.11.*) extras="test,torch,export,app,gcs" ;;
+  3.1[2-9].*) extras="test,export,app,gcs" ;;
   *) echo "setup: Python $pyver from $python is unsupported (need >= 3.11)" >&2; exit 1 ;;
 esac
 # The dependency set: [project]'s requirements and [build-system]'s (setuptools, kept in the venv

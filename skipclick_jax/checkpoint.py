@@ -30,7 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from skipclick_jax import config_lib
+from skipclick_jax import config_lib, storage
 from skipclick_jax.model import SkipClick, build_model
 from skipclick_jax.weights import CheckpointError
 from skipclick_jax.weights.importer import import_weights, model_section
@@ -44,23 +44,20 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file differs from the digest recorded when it was written (or is missing)."""
 
 
-def _sha256(path: pathlib.Path) -> str:
-    with open(path, "rb") as f:
+def _sha256(path) -> str:
+    with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_digests(directory: str | os.PathLike) -> pathlib.Path:
-    """Records {relative path: {size, sha256}} of every file under `directory` in its DIGESTS
-    file (written beside, then renamed, so it is complete or absent)."""
-    directory = pathlib.Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != DIGESTS
-                   and not p.name.startswith(f".{DIGESTS}"))
-    table = {p.relative_to(directory).as_posix(): dict(size=p.stat().st_size, sha256=_sha256(p))
-             for p in files}
-    tmp = directory / f".{DIGESTS}.tmp"
-    tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-    os.replace(tmp, directory / DIGESTS)
-    return directory / DIGESTS
+def write_digests(directory: str | os.PathLike, exclude: tuple[str, ...] = ()):
+    """Records {relative path: {size, sha256}} of every file under `directory` (local or gs://;
+    but the relative paths in `exclude`) in its DIGESTS file (`storage.write_atomic`: written
+    beside, then renamed, or one object upload, so it is complete or absent)."""
+    directory = storage.as_path(directory)
+    names = [n for n in storage.list_files(directory)
+             if n != DIGESTS and not n.rsplit("/", 1)[-1].startswith(f".{DIGESTS}") and n not in exclude]
+    table = {n: dict(size=_size(directory / n), sha256=_sha256(directory / n)) for n in names}
+    return storage.write_atomic(directory / DIGESTS, json.dumps(table, indent=1, sort_keys=True))
 
 
 def verify_digests(directory: str | os.PathLike, under: str | None = None) -> None:
@@ -69,7 +66,7 @@ def verify_digests(directory: str | os.PathLike, under: str | None = None) -> No
     Raises CorruptCheckpointError naming the first file that is missing, has another size or
     another SHA-256, or when the digest file itself is missing or unreadable.
     """
-    directory = pathlib.Path(directory)
+    directory = storage.as_path(directory)
     table_path = directory / DIGESTS
     if not table_path.is_file():
         raise CorruptCheckpointError(
@@ -88,12 +85,17 @@ def verify_digests(directory: str | os.PathLike, under: str | None = None) -> No
         path = directory / name
         if not path.is_file():
             raise CorruptCheckpointError(f"{path}: checkpoint file is missing (deleted or moved)")
-        if path.stat().st_size != size:
-            raise CorruptCheckpointError(f"{path}: checkpoint file is {path.stat().st_size} bytes, "
+        actual = _size(path)
+        if actual != size:
+            raise CorruptCheckpointError(f"{path}: checkpoint file is {actual} bytes, "
                                          f"{size} were written (truncated or changed)")
         if _sha256(path) != digest:
             raise CorruptCheckpointError(f"{path}: checkpoint file content differs from the SHA-256 "
                                          "recorded when it was written (corrupted)")
+
+
+def _size(path) -> int:
+    return path.stat().length if storage.is_remote(path) else path.stat().st_size
 
 
 @contextlib.contextmanager
@@ -122,8 +124,12 @@ def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.Confi
          overwrite: bool = False) -> pathlib.Path:
     """Writes `model`'s parameters and `config` (full or model section) to directory `path`.
 
-    The directory appears atomically (written beside it, then renamed).
+    The directory appears atomically (written beside it, then renamed). On gs:// it is written
+    locally, then uploaded with its digest file last (a reader never verifies a partial upload).
     """
+    if storage.is_remote(path):
+        return _save_remote(storage.check_access(path, write=True, what="checkpoint"), model,
+                            config, overwrite)
     path = pathlib.Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists")
@@ -133,6 +139,21 @@ def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.Confi
         checkpointer.wait_until_finished()
         (tmp / CONFIG).write_text(config_lib.config_to_json(config))
         write_digests(tmp)
+    return path
+
+
+def _save_remote(path, model, config, overwrite: bool):
+    old = storage.list_files(path)
+    if old and not overwrite:
+        raise FileExistsError(f"{path} exists")
+    with tempfile.TemporaryDirectory(prefix="skipclick-save-") as tmp:
+        local = save(pathlib.Path(tmp) / "ckpt", model, config)
+        if DIGESTS in old:
+            (path / DIGESTS).unlink()  # unsealed while the new files replace the old ones
+        new = storage.copy_tree(local, path, last=(DIGESTS,))
+    leftover = sorted(set(old) - set(new))
+    if leftover:
+        storage._fs().rm([storage._key(path / n) for n in leftover])
     return path
 
 
@@ -179,9 +200,10 @@ def _restore(params_dir: pathlib.Path, model_cfg: ml_collections.ConfigDict) -> 
 def load_with_info(source: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
                    fmt: str = "auto", seed: int = 0) -> tuple[SkipClick, ml_collections.ConfigDict, dict]:
     """Like `load`, plus an info dict (source, format, dtypes, tensors)."""
-    path = pathlib.Path(source)
+    remote = storage.is_remote(source)
+    path = storage.check_access(source, write=False, what="checkpoint") if remote else pathlib.Path(source)
     if path.is_dir():
-        path = path.absolute()  # orbax's metadata reads need absolute paths
+        path = path if remote else path.absolute()  # orbax's metadata reads need absolute paths
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         if (root / PARAMS).is_dir():
             params_dir, kind = root / PARAMS, "project"
@@ -206,8 +228,11 @@ def load_with_info(source: str | os.PathLike, config: ml_collections.ConfigDict 
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
     if config is not None:
         config_lib.validate_model_config(model_section(config))
-    model, model_cfg, info = import_weights(
-        path, model_section(config) if config is not None else None, fmt=fmt, seed=seed)
+    with storage.local_file(path) as local:  # a gs:// weight file is downloaded first
+        model, model_cfg, info = import_weights(
+            local, model_section(config) if config is not None else None, fmt=fmt, seed=seed)
+    if remote:
+        info = dict(info, source=str(path))
     return model, config if config is not None else config_lib.base_config(model_cfg), info
 
 

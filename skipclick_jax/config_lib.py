@@ -196,8 +196,10 @@ def config_from_json(text: str, source: str = "config JSON") -> ml_collections.C
 
 
 def read_config_json(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """`config_from_json` of file `path`; errors name the file."""
-    path = pathlib.Path(path)
+    """`config_from_json` of file `path` (local or gs://); errors name the file."""
+    from skipclick_jax import storage
+
+    path = storage.as_path(path) if storage.is_remote(path) else pathlib.Path(path)
     try:
         text = path.read_text()
     except UnicodeDecodeError:
@@ -320,6 +322,16 @@ def _unknown_keys(node, reference, prefix: str) -> None:
             _unknown_keys(node[key], reference[key], f"{prefix}.{key}")
 
 
+def _profile_ok(v) -> bool:
+    from skipclick_jax.train.defaults import profile_range
+
+    try:
+        profile_range(v)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Refuses a full experiment config with unknown train/data/eval keys or invalid values,
     naming the key and the value. Returns `cfg`."""
@@ -359,6 +371,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     for key in ("num_epochs", "num_image_summaries", "max_num_next_clicks"):
         need(t, "train", key, lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")
     need(t, "train", "pred_thresh", lambda v: _number(v) and 0 <= v <= 1, "expected a number in [0, 1]")
+    need(t, "train", "profile_steps", _profile_ok, "expected '' or 'A:B' with integers 1 <= A < B "
+         "(a profiler trace of steps A .. B-1)")
     if "optimizer" in t:
         need(t.optimizer, "train.optimizer", "lr", lambda v: _number(v) and not v < 0,
              "expected a number >= 0")

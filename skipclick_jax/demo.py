@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from skipclick_jax import config_lib
+from skipclick_jax import config_lib, storage
 from skipclick_jax.model import build_model
 from skipclick_jax.predictor import Predictor
 from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
@@ -51,7 +51,7 @@ def load_model(checkpoint: str | None, config: str | None = None):
     checkpoint = checkpoint or main_job_checkpoint()
     if checkpoint:
         cfg = config_lib.load_config_file(config) if config else None
-        model, _ = load(pathlib.Path(checkpoint).absolute(), cfg)  # orbax needs absolute paths
+        model, _ = load(storage.as_path(checkpoint), cfg)  # orbax needs absolute paths; or gs://
         return model, f"checkpoint {checkpoint}"
     path = config or DEFAULT_CONFIG
     model = build_model(config_lib.load_config_file(path).model)

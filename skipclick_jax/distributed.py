@@ -5,10 +5,15 @@ runs the same program; `jax.distributed.initialize` joins them into one runtime 
 the global mesh. Call `initialize` before anything else touches JAX (it must precede the backend).
 
 Failure: the coordination service (hosted by process 0) expects a heartbeat from every process
-every few seconds; when one stops (process killed, host lost), the service declares it dead after
-`heartbeat_timeout` seconds and every other process is terminated with an error naming the
-distributed service, instead of waiting forever in a collective. A process that cannot reach the
-others at start-up gives up after `init_timeout` seconds.
+every `heartbeat_timeout / 2` seconds; when one stops (process killed, host lost), the service
+declares it dead after `heartbeat_timeout` seconds and every other process is terminated with an
+error naming the distributed service, instead of waiting forever in a collective. The verdict is
+made inside process 0: if process 0 itself stalls (a starved, overloaded host) for more than about
+`heartbeat_timeout / 2` seconds, the heartbeats that arrive meanwhile are recorded late and a
+healthy peer is declared dead; so `heartbeat_timeout` must be at least twice the longest stall a
+healthy process 0 can have (compiling alone does not stall it: its service answers within
+milliseconds). A process that cannot reach the others at start-up gives up after `init_timeout`
+seconds.
 """
 
 from __future__ import annotations
@@ -228,16 +233,25 @@ class SyncedJit:
     def __init__(self, jitted, name: str):
         self._jitted, self._name, self._compiled = jitted, name, {}
 
-    def __call__(self, *args):
-        if not is_initialized() or jax.process_count() == 1:
-            return self._jitted(*args)
+    @staticmethod
+    def _key(args):
         leaves, treedef = jax.tree.flatten(args)
-        key = (treedef, tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None))
-                              for x in leaves))
+        return (treedef, tuple((np.shape(x), np.result_type(x), getattr(x, "sharding", None))
+                               for x in leaves))
+
+    def compile(self, *args):
+        """The compiled executable for `args`' signature (compiled now if new, then the processes
+        meet); e.g. to time the compile apart from the first run, or for its cost_analysis()."""
+        key = self._key(args)
         if key not in self._compiled:
             self._compiled[key] = self._jitted.lower(*args).compile()
             barrier(f"compiled {self._name}")
-        return self._compiled[key](*args)
+        return self._compiled[key]
+
+    def __call__(self, *args):
+        if not self._compiled and (not is_initialized() or jax.process_count() == 1):
+            return self._jitted(*args)
+        return self.compile(*args)(*args)
 
 
 def _client():

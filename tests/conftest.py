@@ -102,3 +102,14 @@ def on_cpu():
 
     with jax.default_device(jax.devices("cpu")[0]):
         yield
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server on 127.0.0.1 (tests/gcs_server.py: in-memory, free port, stopped by its
+    PID) for the `gcs` tests. Its `.env` points jax/orbax/gcsfs/array_record at it: pass it to the
+    subprocesses that run the code under test (they must see it before those libraries import)."""
+    import gcs_server as server_module
+
+    with server_module.serve() as server:
+        yield server

@@ -8,6 +8,13 @@ config), so a different root, or a root whose files changed, gets its own build.
 config are serialised by a file lock, so concurrent processes build it once and share it.
 Examples are written in generation order (shuffling disabled), so record i has index i.
 
+A `data_dir` on gs:// is read directly (TFDS and array_record read gs://). ArrayRecord cannot
+write there, so a build that is missing on gs:// is made in the local cache (`DEFAULT_DATA_DIR`,
+or $SKIPCLICK_TFDS_STAGING) and copied up with its `dataset_info.json` last (`upload_build`); a
+build counts as present only once that file is there, so a killed upload is redone. Its config
+name (and so its fingerprint) is the local one. `python -m skipclick_jax.data.upload` copies
+existing local builds up.
+
 Eval record (one per evaluated instance): 'index' int64, 'id' str '<image stem>#<instance>',
 'image' the original file's bytes, 'float_image' bool (decode with PIL to float32 instead of
 cv2 to uint8), 'gt' int8 [H,W] in {0, 1, -1}.
@@ -33,6 +40,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from skipclick_jax import storage
 
 DEFAULT_DATA_DIR = pathlib.Path("~/.cache/skipclick_jax/tfds")
 
@@ -198,6 +207,8 @@ def build_source(
     """
     builder_cls = {"eval": SkipclickEval, "train": SkipclickTrain,
                    "train_custom": SkipclickTrainCustom}[kind]
+    if data_dir and storage.is_remote(data_dir):
+        return _remote_source(builder_cls, kind, config_name, split, examples, data_dir)
     data_dir = pathlib.Path(data_dir or DEFAULT_DATA_DIR).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / f".{kind}-{config_name}.lock", "w") as lock:
@@ -208,4 +219,43 @@ def build_source(
             file_format="array_record",
         )
         builder.download_and_prepare()
+    return builder.as_data_source(split)
+
+
+INFO_FILE = "dataset_info.json"
+
+
+def build_path(builder_cls, config_name: str) -> str:
+    """'<builder name>/<config name>/<version>', where a build lives below its data_dir."""
+    return f"{builder_cls.name}/{config_name}/{builder_cls.VERSION}"
+
+
+def upload_build(local: str | os.PathLike, remote: str | os.PathLike) -> list[str]:
+    """Copies one build folder up (any existing remote copy is replaced), `dataset_info.json`
+    last: readers take a build as present only once that file exists."""
+    remote = storage.as_path(remote)
+    if (remote / INFO_FILE).exists():
+        (remote / INFO_FILE).unlink()
+    storage.remove_tree(remote)
+    return storage.copy_tree(local, remote, last=(INFO_FILE,))
+
+
+def _remote_source(builder_cls, kind, config_name, split, examples, data_dir):
+    """The split read from gs:// `data_dir`, built locally and uploaded first if missing."""
+    remote = storage.check_access(data_dir, write=False, what="data_dir")
+    rel = build_path(builder_cls, config_name)
+    if not (remote / rel / INFO_FILE).is_file():
+        storage.check_access(data_dir, write=True, what="data_dir")  # before a long build
+        staging = os.environ.get("SKIPCLICK_TFDS_STAGING") or DEFAULT_DATA_DIR
+        build_source(kind, config_name, split, examples, staging)
+        local = pathlib.Path(staging).expanduser() / rel
+        with open(pathlib.Path(staging).expanduser() / f".{kind}-{config_name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one upload per machine at a time
+            if not (remote / rel / INFO_FILE).is_file():
+                upload_build(local, remote / rel)
+    builder = builder_cls(
+        config=SourceConfig(name=config_name, split=split, examples=examples),
+        data_dir=str(remote),
+        file_format="array_record",
+    )
     return builder.as_data_source(split)

@@ -26,7 +26,7 @@ import sys
 
 import ml_collections
 
-from skipclick_jax import config_lib, distributed
+from skipclick_jax import config_lib, distributed, storage
 from skipclick_jax.data.custom_datasets import custom_data_defaults
 from skipclick_jax.data.eval_datasets import EVAL_DATASETS, load_eval_dataset
 from skipclick_jax.evaluation.defaults import eval_defaults
@@ -71,6 +71,16 @@ def _parse(argv):
         if name in datasets:
             parser.error(f"--dataset {name} is given twice ({datasets[name]!r} and {path!r})")
         datasets[name] = path
+    if storage.is_remote(args.out):
+        try:
+            out = storage.check_access(args.out, write=True, what="--out")
+        except storage.StorageError as e:
+            parser.error(str(e))
+        held = storage.list_files(out)
+        if held and not args.overwrite:
+            parser.error(f"--out {out} already holds results ({', '.join(held[:5])}); pass "
+                         "--overwrite to replace them or choose another --out")
+        return args, overrides, datasets
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder")

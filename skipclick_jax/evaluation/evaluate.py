@@ -23,6 +23,7 @@ of every mean. All JSON is strict (no NaN or Infinity).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -35,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from skipclick_jax import distributed, metrics
+from skipclick_jax import distributed, metrics, storage
 from skipclick_jax.evaluation.engine import (
     Predictor,
     Protocol,
@@ -62,16 +63,20 @@ def evaluate(
         are set) or an `engine.Predictor`.
       datasets: name -> samples ({'id', 'image', 'gt'}, sequence-like, in dataset order) or the
         dataset's root folder (read with `skipclick_jax.data.eval_datasets.load_eval_dataset`).
-      out: output folder (created).
+      out: output folder (created; gs:// is written locally first, copied up at the end).
       cfg: the `eval` config section (`skipclick_jax.evaluation.defaults.eval_defaults()`).
       data_dir: TFDS cache folder for datasets given as folders.
     """
     predictor = (model_or_predictor if isinstance(model_or_predictor, Predictor)
                  else skipclick_predictor(model_or_predictor, cfg.get("dtype"), cfg.get("attention")))
-    out = pathlib.Path(out)
     write = distributed.is_main()
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
+    if storage.is_remote(out) and write:
+        storage.check_access(out, write=True, what="evaluation output")
+    with storage.staged_output(out) if write else contextlib.nullcontext(pathlib.Path(out)) as folder:
+        return _evaluate_into(predictor, datasets, folder, cfg, data_dir, progress, write)
+
+
+def _evaluate_into(predictor, datasets, out: pathlib.Path, cfg, data_dir, progress, write) -> dict:
     summary: dict[str, dict] = {}
     for name, samples in datasets.items():
         if isinstance(samples, (str, os.PathLike)):

@@ -215,6 +215,16 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, vh), 1, 2)
 
 
+def compute_capability(value) -> tuple[int, int]:
+    """A GPU compute capability ('9.0', '10.0', '12.1', 8.6) as (major, minor), compared as numbers
+    ('10.0' < '9.0' as strings); (0, 0) if it cannot be read."""
+    parts = str(value).strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1] else 0
+    except ValueError:
+        return 0, 0
+
+
 def check_attention(implementation: str, dtype, head_dim: int) -> None:
     """Raises a ValueError saying why `implementation` cannot run here (backend, dtype, head dim)."""
     if implementation == "xla":
@@ -226,7 +236,7 @@ def check_attention(implementation: str, dtype, head_dim: int) -> None:
     max_dim = 128
     if backend != "gpu":
         problems.append(f"the backend is {backend!r}, cuDNN attention needs a GPU")
-    elif str(getattr(jax.devices()[0], "compute_capability", "0")) >= "9.0":
+    elif compute_capability(getattr(jax.devices()[0], "compute_capability", "0")) >= (9, 0):
         max_dim = 256  # Hopper and newer
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         problems.append(f"the compute dtype is {jnp.dtype(dtype).name}, cuDNN attention needs "

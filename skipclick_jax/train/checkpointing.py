@@ -6,8 +6,18 @@ Layout under `<workdir>/checkpoints/`:
   <step>/params/              full model state (trainable + frozen) as nnx.to_pure_dict, StandardSave
   <step>/train/               {'step', 'opt_state', 'rng'} (StandardSave)
   <step>/dataset/             grain iterator state, process_<i>-of-<n>.json
-  <step>/SHA256SUMS.json      size and SHA-256 of every file of the step, written once it is complete
-`<workdir>/train.lock` is held (flock) by the process-0 trainer while it runs.
+  <step>/SHA256SUMS.json      size and SHA-256 of every file of the step (orbax's commit
+                              bookkeeping `_CHECKPOINT_METADATA`, `commit_success.txt` aside)
+`<workdir>/train.lock` is held (flock; on gs:// a create-only object, `object_lock`) by the
+process-0 trainer while it runs. The workdir may be local or gs:// (`skipclick_jax.storage`).
+
+A step is sealed before it is committed: once every process has written its files, process 0
+records the digests inside orbax's temporary directory (`<step>.orbax-checkpoint-tmp`, orbax's
+post-finalization hook), and only then does orbax rename it to `<step>`. So a step directory either
+carries its digests or is recognisably unfinished (orbax's temporary name, ignored on resume and
+replaced when that step is saved again); there is no moment at which a finished step lacks them.
+On gs:// (no renames) orbax writes the step in place and marks it with commit_success.txt; the
+digests are written there by the same hook.
 """
 
 from __future__ import annotations
@@ -25,9 +35,10 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX
 
-from skipclick_jax import config_lib
-from skipclick_jax.checkpoint import CorruptCheckpointError, verify_digests, write_digests
+from skipclick_jax import config_lib, storage
+from skipclick_jax.checkpoint import DIGESTS, CorruptCheckpointError, verify_digests, write_digests
 from skipclick_jax.train.state import TrainState, merge_dicts, pick
 
 log = logging.getLogger(__name__)
@@ -38,11 +49,13 @@ log = logging.getLogger(__name__)
 RESUMABLE_KEYS = (
     "train.num_steps", "train.num_epochs", "train.checkpoint_every_steps", "train.keep_checkpoints",
     "train.log_every_steps", "train.image_summary_every_steps", "train.num_image_summaries",
-    "train.eval_untrained", "train.distributed", "train.mesh.", "train.optimizer.",
+    "train.eval_untrained", "train.distributed", "train.profile_steps", "train.mesh.", "train.optimizer.",
     "train.lr_milestones", "train.lr_gamma", "data.num_workers", "data.data_dir",
     "data.eval_datasets", "data.eval_roots.", "eval.",
 )
 LOCK_FILE = "train.lock"
+# Files orbax rewrites while committing a step (after the digests are written): not digested.
+ORBAX_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
 
 class WorkdirError(RuntimeError):
@@ -68,9 +81,22 @@ class WorkdirLock:
 
     The kernel drops the lock when its process dies, so a lock file with content but no holder is
     a stale lock of a run that did not exit cleanly: it is reported (warning) and taken over.
+    A gs:// workdir gets an `object_lock.ObjectLock` instead (same errors and warnings).
     """
 
     def __init__(self, workdir: str | pathlib.Path):
+        self._fd = self._object = None
+        if storage.is_remote(workdir):
+            from skipclick_jax.train.object_lock import LockHeldError, ObjectLock
+
+            self.path = storage.as_path(workdir) / LOCK_FILE
+            try:
+                self._object = ObjectLock(str(self.path))
+            except LockHeldError as e:
+                raise WorkdirError(
+                    f"{self.path.parent} is in use by another train.py run ({e}); wait for it to "
+                    "finish or pass another --workdir") from None
+            return
         self.path = pathlib.Path(workdir).absolute() / LOCK_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -99,6 +125,9 @@ class WorkdirLock:
             return "unreadable lock file"
 
     def release(self) -> None:
+        if self._object is not None:
+            self._object.release()
+            self._object = None
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -119,11 +148,12 @@ class Checkpointer:
         if keep < 1:
             raise config_lib.ConfigError(f"config value train.keep_checkpoints={keep!r} is invalid: "
                                          "expected an integer >= 1")
-        workdir = pathlib.Path(workdir).absolute()
+        workdir = storage.as_path(workdir)
         self.directory = workdir / "checkpoints"
         self._main = jax.process_index() == 0
         self._lock = WorkdirLock(workdir) if self._main else None
         self._pending: int | None = None
+        self._saving: int | None = None  # the step whose write is under way (for the seal hook)
         self._closed = False
         try:
             self._check_config(config)
@@ -143,7 +173,9 @@ class Checkpointer:
                     max_to_keep=keep, create=True,
                     # A failing directory creation (read-only, full disk) raises in save() at once
                     # instead of in a background thread that others wait on for minutes.
-                    async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False)),
+                    async_options=ocp.options.AsyncOptions(
+                        create_directories_asynchronously=False,
+                        post_finalization_callback=self._seal_before_commit)),
             )
             self._config = config
         except BaseException:
@@ -156,7 +188,7 @@ class Checkpointer:
             path = self.directory / "config.json"
             text = config_lib.config_to_json(self._config)
             if not path.is_file() or path.read_text() != text:
-                path.write_text(text)
+                storage.write_atomic(path, text)
 
     def _step_dirs(self) -> list[int]:
         if not self.directory.is_dir():
@@ -195,10 +227,12 @@ class Checkpointer:
 
     def save(self, state: TrainState, frozen: dict[str, Any], iterator) -> None:
         """Starts an async save of step `state.step` (returns before the files are written; the
-        previous save is completed and sealed with its digests first)."""
+        previous save is completed first). The step is sealed with its digests before orbax
+        commits it (`_seal_before_commit`)."""
         self._seal()
         step = int(state.step)
         train = dict(step=state.step, opt_state=state.opt_state, rng=state.rng)
+        self._saving = step
         try:
             self.manager.save(
                 step,
@@ -214,15 +248,30 @@ class Checkpointer:
                 f"training stopped; the earlier checkpoints (steps {self._step_dirs()}) are kept") from e
         self._pending = step
 
+    def _seal_before_commit(self) -> None:
+        """orbax's post-finalization hook: runs on process 0 in orbax's background thread once
+        every process's files of the step are written and finalized, before the step directory is
+        committed (renamed from its temporary name). Records the digests inside it; an error here
+        leaves the step uncommitted (and surfaces in `_seal`)."""
+        step = self._saving
+        unfinished = [p for p in self.directory.iterdir()
+                      if p.name.startswith(f"{step}{TMP_DIR_SUFFIX}") and p.is_dir()]
+        if len(unfinished) > 1:
+            raise CheckpointSaveError(f"step {step}: several unfinished directories "
+                                      f"{sorted(p.name for p in unfinished)} in {self.directory}")
+        # A storage without renames (commit_success.txt) writes the step in place.
+        write_digests(unfinished[0] if unfinished else self.directory / str(step),
+                      exclude=ORBAX_COMMIT_FILES)
+
     def _seal(self) -> None:
-        """Waits for the pending save, then records its digests (the step counts only then)."""
+        """Waits for the pending save (sealed and committed by then) and checks it is."""
         if self._pending is None:
             return
         step, self._pending = self._pending, None
         try:
             self.manager.wait_until_finished()
-            if self._main:
-                write_digests(self.directory / str(step))
+            if self._main and not (self.directory / str(step) / DIGESTS).is_file():
+                raise CorruptCheckpointError(f"step {step} was not committed with its digests")
         except Exception as e:  # noqa: BLE001
             raise CheckpointSaveError(
                 f"saving checkpoint step {step} in {self.directory} failed ({type(e).__name__}: {e}); "
@@ -288,7 +337,7 @@ class Checkpointer:
             path = self.directory / str(step)
             if path.exists():
                 target = self.directory / f"corrupt_{step}_{int(time.time())}"
-                path.rename(target)
+                storage.move_tree(path, target)
                 log.warning("checkpoint %s failed verification; moved to %s (kept for inspection)",
                             path, target)
         self.manager.reload()
@@ -326,8 +375,9 @@ class Checkpointer:
 
 def truncate_metrics(path: pathlib.Path, step: int) -> None:
     """Drops the rows of metrics.jsonl after `step` (those of a run that stopped after its last
-    checkpoint, which the resumed run logs again); rewritten beside, then renamed."""
-    path = pathlib.Path(path)
+    checkpoint, which the resumed run logs again); rewritten beside, then renamed (gs://: one
+    object rewritten)."""
+    path = storage.as_path(path)
     if not path.is_file():
         return
     keep = []
@@ -338,6 +388,4 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
             continue  # a line cut off by a kill
         if row_step <= step:
             keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    storage.write_atomic(path, "".join(keep))

@@ -14,7 +14,8 @@ def train_defaults() -> ml_collections.ConfigDict:
     of size -1 take all remaining devices. `*_every_steps` <= 0 disables that action.
     `remat` ('none' | 'blocks' | 'decoder') and `remat_policy` (a `jax.checkpoint_policies` name)
     trade compute for memory (`SkipClick.set_remat`); `mu_dtype` 'bfloat16' keeps Adam's first
-    moment in bfloat16. The compute dtype is `model.dtype`.
+    moment in bfloat16. The compute dtype is `model.dtype`. `profile_steps` 'A:B' writes a
+    jax.profiler trace of steps A .. B-1 to `<workdir>/tensorboard/plugins/profile/` ('' = none).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -42,8 +43,22 @@ def train_defaults() -> ml_collections.ConfigDict:
             # Run the frozen backbone in training mode for the loss forward, as the original trainer
             # does (DINOv3: RoPE coordinate rescale per block; DINOv2 has no train/eval difference).
             backbone_train_mode=True,
+            profile_steps="",
         )
     )
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """train.profile_steps 'A:B' (integers, 1 <= A < B) -> (A, B); '' -> None; else ValueError."""
+    if spec == "":
+        return None
+    parts = spec.split(":") if isinstance(spec, str) else ()
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"expected '' or 'A:B' (steps A .. B-1), got {spec!r}")
+    a, b = int(parts[0]), int(parts[1])
+    if not 1 <= a < b:
+        raise ValueError(f"expected 1 <= A < B in 'A:B', got {spec!r}")
+    return a, b
 
 
 def data_defaults() -> ml_collections.ConfigDict:

@@ -1,12 +1,18 @@
-"""Observability: TensorBoard scalars/images (tensorboardX) and PNG previews in the run dir."""
+"""Observability: TensorBoard scalars/images (tensorboardX), PNG previews and metrics.jsonl in
+the run dir (local or gs://)."""
 
 from __future__ import annotations
 
+import io
+import json
 import pathlib
+import time
 
 import jax
 import numpy as np
 from PIL import Image
+
+from skipclick_jax import storage
 
 POS, NEG = (0, 230, 0), (230, 0, 0)
 
@@ -39,13 +45,14 @@ class Writer:
 
     def __init__(self, workdir: str | pathlib.Path):
         self.active = jax.process_index() == 0
-        self.image_dir = pathlib.Path(workdir) / "images"
+        workdir = storage.as_path(workdir)
+        self.image_dir = workdir / "images"
         self._tb = None
         if self.active:
             from tensorboardX import SummaryWriter
 
             self.image_dir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))  # tensorboardX writes gs://
 
     def scalars(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if self.active:
@@ -58,7 +65,12 @@ class Writer:
             return None
         self._tb.add_image(name, image, step, dataformats="HWC")
         path = self.image_dir / f"{name.replace('/', '_')}_{step:07d}.png"
-        Image.fromarray(image).save(path)
+        if storage.is_remote(path):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            path.write_bytes(buffer.getvalue())
+        else:
+            Image.fromarray(image).save(path)
         return path
 
     def text(self, step: int, name: str, text: str) -> None:
@@ -68,3 +80,49 @@ class Writer:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class MetricsLog:
+    """Rows of `metrics.jsonl`, one JSON object per line.
+
+    On a local disk each row is appended and flushed. Object storage cannot append (gcsfs's
+    open('a') silently replaces the object), so on gs:// the rows are kept and the whole object
+    is rewritten, at most every `every_s` seconds and on `flush` (call it before a checkpoint is
+    saved, so the rows up to it survive a kill) and `close`. The rows already in the file (those
+    `checkpointing.truncate_metrics` kept) are kept.
+    """
+
+    def __init__(self, path: str | pathlib.Path, every_s: float = 60.0):
+        self.path = storage.as_path(path)
+        self.remote = storage.is_remote(self.path)
+        self.every_s = every_s
+        self._dirty, self._last = False, time.monotonic()
+        if self.remote:
+            self._text = self.path.read_text() if self.path.exists() else ""
+            if self._text and not self._text.endswith("\n"):
+                self._text += "\n"
+            self._file = None
+        else:
+            self._file = self.path.open("a")
+
+    def write(self, row: dict) -> None:
+        line = json.dumps(row) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+            return
+        self._text += line
+        self._dirty = True
+        if time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote and self._dirty:
+            storage.write_atomic(self.path, self._text)
+            self._dirty, self._last = False, time.monotonic()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.flush()

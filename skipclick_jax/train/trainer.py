@@ -3,13 +3,12 @@ runs the NoC evaluation. `train.py` is its command line.
 
 The run directory holds checkpoints/ (orbax, with config.json), tensorboard/, images/
 (previews), metrics.jsonl and eval/; re-running with the same directory resumes from its latest
-readable checkpoint.
+readable checkpoint. The run directory may be local or gs:// (`skipclick_jax.storage`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import pathlib
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from skipclick_jax import checkpoint, config_lib, distributed
+from skipclick_jax import checkpoint, config_lib, distributed, storage
 from skipclick_jax.data.custom_datasets import eval_dataset_names
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.pipeline import make_global_batch, train_dataset
@@ -32,7 +31,10 @@ from skipclick_jax.data.train_datasets import load_train_source
 from skipclick_jax.evaluation.evaluate import evaluate
 from skipclick_jax.model import build_model
 from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
-from skipclick_jax.train.summary import Writer, preview_image
+from skipclick_jax.train.defaults import profile_range
+from skipclick_jax.train.preemption import Preempted, StopSignals
+from skipclick_jax.train.summary import MetricsLog, Writer, preview_image
+from skipclick_jax.train.timing import StepTimer, step_flops
 
 __all__ = ["train_and_evaluate"]
 
@@ -53,10 +55,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, init_from: 
 
 
 def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, log_batch_hashes=False):
+    t_start = time.perf_counter()
     config_lib.validate_config(cfg)
     tc = cfg.train
     distributed.initialize(distributed.Launch(auto=tc.distributed))
-    workdir = pathlib.Path(workdir)
+    workdir = storage.check_access(workdir, write=True, what="--workdir")  # named errors, early
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = distributed.is_main()
 
@@ -143,61 +146,116 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
                 f"stopped. Last good checkpoint: step {ckpt.latest_step} in {ckpt.directory}")
         return m
 
-    metrics_file = (workdir / "metrics.jsonl").open("a") if is_main else None
+    def save(step: int) -> None:
+        if not bool(all_finite(state.params)):
+            raise FloatingPointError(
+                f"non-finite parameters after step {step}; not saved. Last good checkpoint: "
+                f"step {ckpt.latest_step} in {ckpt.directory}")
+        if metrics_file:
+            metrics_file.flush()  # gs://: the rows up to this checkpoint survive a kill
+        ckpt.save(state, frozen, iterator)
+
+    metrics_file = MetricsLog(workdir / "metrics.jsonl") if is_main else None
     bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not is_main,
                dynamic_ncols=True)
-    pending, last_log = None, (start, time.perf_counter())
+    pending, compile_s = None, None
     batch_log = distributed.BatchLog(workdir if log_batch_hashes else None)
+    profile = profile_range(tc.get("profile_steps", ""))
+    signals = StopSignals().__enter__()  # only during the loop: a signal in the evaluation stops it
+    timer, tracing = None, False
     try:
         for step in range(start + 1, num_steps + 1):
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(str(workdir / "tensorboard"))
+                tracing = True
+            t_input = time.perf_counter()
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 rows = next(iterator)
                 batch_log.record(step, rows)
                 batch = make_global_batch(rows, batch_sharding)
+                t_compute = time.perf_counter()
+                if timer is None:  # compiled ahead of the first run, timed apart from the steps
+                    compiled = train_step.compile(state, frozen, batch)
+                    compile_s = time.perf_counter() - t_compute
+                    log.info("train step compiled in %.1f s", compile_s)
+                    timer = StepTimer(batch_size=tc.batch_size, flops_per_step=step_flops(compiled),
+                                      device_kind=jax.devices()[0].device_kind, started=t_start)
+                    timer.add("compile", compile_s)
+                    t_input += compile_s
+                    t_compute = time.perf_counter()
+                timer.add("input", t_compute - t_input)
                 state, metrics = train_step(state, frozen, batch)
             if pending is not None:  # one step behind, so the host never waits for the device
                 check(*pending)
             pending = (step, metrics)
+            if tracing and step == profile[1] - 1:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+                log.info("profile of steps %d-%d written to %s", profile[0], step,
+                         workdir / "tensorboard" / "plugins" / "profile")
+            timer.add("compute", time.perf_counter() - t_compute)
+            timer.step_done()
             bar.update()
 
+            t_host = time.perf_counter()
             if step % tc.log_every_steps == 0 or step == num_steps:
-                m = check(*pending)
-                now = time.perf_counter()
-                m["samples_per_sec"] = (step - last_log[0]) * tc.batch_size / (now - last_log[1])
-                last_log = (step, now)
+                with timer.phase("compute"):
+                    m = check(*pending)
+                m.update(timer.interval())
+                if compile_s is not None:
+                    m["compile_s"], compile_s = compile_s, None
                 writer.scalars(step, m)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.1e}",
-                                samples_s=f"{m['samples_per_sec']:.1f}")
+                                samples_s=f"{m['samples_per_sec']:.1f}",
+                                input=f"{m['input_wait_s']:.3f}s", compute=f"{m['compute_s']:.3f}s",
+                                host=f"{m['host_s']:.3f}s",
+                                **({"mfu": f"{m['mfu']:.1%}"} if "mfu" in m else {}))
                 if metrics_file:
-                    metrics_file.write(json.dumps(dict(step=step, **m)) + "\n")
-                    metrics_file.flush()
+                    metrics_file.write(dict(step=step, **m))
 
             if tc.image_summary_every_steps > 0 and step % tc.image_summary_every_steps == 0:
                 p = jax.device_get(preview(state, frozen, batch))
                 writer.image(step, "train/preview", preview_image(**p))
+            timer.add("host", time.perf_counter() - t_host)
 
-            if (tc.checkpoint_every_steps > 0 and step % tc.checkpoint_every_steps == 0) or step == num_steps:
-                check(*pending)
-                if not bool(all_finite(state.params)):
-                    raise FloatingPointError(
-                        f"non-finite parameters after step {step}; not saved. Last good checkpoint: "
-                        f"step {ckpt.latest_step} in {ckpt.directory}")
-                ckpt.save(state, frozen, iterator)
+            stop = signals.should_stop(step)
+            if (stop or (tc.checkpoint_every_steps > 0 and step % tc.checkpoint_every_steps == 0)
+                    or step == num_steps):
+                with timer.phase("checkpoint"):
+                    check(*pending)
+                    save(step)
+            if stop:
+                with timer.phase("checkpoint"):
+                    ckpt.wait()
+                raise Preempted(signals.signum, step, str(ckpt.directory))
         if pending is not None:
             check(*pending)
     finally:
+        signals.__exit__()
         bar.close()
         batch_log.close()
-        ckpt.wait()
+        if timer is not None:
+            with timer.phase("checkpoint"):
+                ckpt.wait()
+        else:
+            ckpt.wait()
         if metrics_file:
             metrics_file.close()
+        if tracing:  # the run ended inside the profiled steps
+            jax.profiler.stop_trace()
 
     # ------------------------------------------------------------------ Eval
     if eval_datasets:
+        t_eval = time.perf_counter()
         _evaluate(cfg, eval_datasets, _local_model(graphdef, state.params, frozen),
                   workdir / "eval" / f"step_{int(state.step)}", writer, int(state.step))
+        if timer is not None:
+            timer.add("eval", time.perf_counter() - t_eval)
         if is_main:
             _print_tables(workdir / "eval")
+    if timer is not None:
+        log.info("%s", timer.account())
     writer.close()
     ckpt.close()
     return state
