@@ -31,6 +31,9 @@ def train_defaults() -> ml_collections.ConfigDict:
             remat_policy="nothing_saveable",
             max_num_next_clicks=3,  # simulated clicks per batch ~ U{0..max}
             pred_thresh=0.49,
+            # Training clicker's distance: "chamfer5" (OpenCV's 5x5 chamfer, as the original) or
+            # "exact" (Euclidean); evaluation always uses the exact transform.
+            click_distance="chamfer5",
             mesh=dict(data=-1, fsdp=1),
             distributed=False,  # call jax.distributed.initialize() (multi-host)
             checkpoint_every_steps=937,
