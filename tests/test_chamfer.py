@@ -45,10 +45,10 @@ def blobs(rng, b, h, w, holes=True):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (7, 1), (2, 2), (13, 17), (40, 29), (64, 3)])
-@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 0.9, 0.99, 1.0])
-def test_random_masks(shape, density):
-    rng = np.random.default_rng(hash((shape, density)) % 2**32)
-    check(rng.random((3, *shape)) < density)
+def test_random_masks(shape):
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    densities = np.repeat([0.0, 0.03, 0.5, 0.9, 0.99, 1.0], 3)[:, None, None]
+    check(rng.random((len(densities), *shape)) < densities)
 
 
 def test_non_convex_masks_with_holes():

@@ -74,6 +74,8 @@ def make_train_step(
     backbone_train_mode: bool = True,
     remat: str = "none",
     remat_policy: str = "nothing_saveable",
+    dropout: bool = True,
+    with_grads: bool = False,
 ) -> Callable[[TrainState, dict[str, Any], Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure step (state, frozen, batch) -> (state, metrics) to be wrapped in jax.jit.
 
@@ -86,13 +88,19 @@ def make_train_step(
     the click simulation stays eval-mode. `click_distance` picks the training clicker's distance
     ('chamfer5', the original's, or 'exact').
     metrics: float32 scalars loss, iou (prediction at `pred_thresh`), grad_norm, lr, num_clicks.
+    For parity checks (`convert_weights.train_parity`): a batch entry `num_clicks` (int32 []) sets
+    the simulated clicks instead of drawing them, `dropout=False` switches the head's Dropout2d off,
+    and `with_grads=True` adds the gradient tree as metrics['grads'].
     """
     check_remat(remat, remat_policy)
     check_click_distance(click_distance)
 
     def train_step(state: TrainState, frozen: dict[str, Any], batch: Batch):
         k_num, k_click, k_drop, k_backbone = step_keys(state)
-        num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
+        if "num_clicks" in batch:
+            num_clicks = jnp.asarray(batch["num_clicks"], jnp.int32)
+        else:
+            num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
@@ -103,7 +111,7 @@ def make_train_step(
             )
             if backbone_train_mode and model.feature_extractor.stochastic_in_training:
                 enc = model.encode_image(batch["image"], rng=k_backbone)
-            logits = model.decode_clicks(enc, prev, points, dropout_rng=k_drop)
+            logits = model.decode_clicks(enc, prev, points, dropout_rng=k_drop if dropout else None)
             loss = normalized_focal_loss(logits, batch["gt"], alpha=alpha, gamma=gamma, eps=eps)
             return loss.mean(), logits
 
@@ -117,6 +125,8 @@ def make_train_step(
             lr=jnp.asarray(schedule(state.step), jnp.float32),
             num_clicks=num_clicks.astype(jnp.float32),
         )
+        if with_grads:
+            metrics["grads"] = grads
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
