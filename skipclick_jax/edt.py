@@ -85,7 +85,7 @@ def edt(mask: jax.Array, valid: jax.Array | None = None) -> jax.Array:
 # OpenCV's DIST_L2 / maskSize 5 weights (float32: 1, 1.4f, 2.1969f) for the orthogonal, diagonal and
 # knight moves.
 _HV, _DIAG, _KNIGHT = 1.0, 1.4, 2.1969
-_CHAMFER_UNROLL = 8
+_CHAMFER_UNROLL = 1
 
 
 def _chamfer_pass(cols: jax.Array, valid: jax.Array, sources: jax.Array | None, reverse: bool) -> jax.Array:
@@ -98,30 +98,34 @@ def _chamfer_pass(cols: jax.Array, valid: jax.Array, sources: jax.Array | None, 
     n, hp = cols.shape[1:]
     inf = jnp.float32(jnp.inf)
     w_hv, w_diag, w_knight = (jnp.float32(w) for w in (_HV, _DIAG, _KNIGHT))
-
-    def shift(c, k):
-        """c[i - k] (forward) or c[i + k] (backward) along the image rows; +inf outside."""
-        fill = jnp.full((n, k), inf, c.dtype)
-        return jnp.concatenate([fill, c[:, :-k]] if not reverse else [c[:, k:], fill], axis=1)
+    # Carried wavefronts hold two +inf rows before row 0 (forward) or after row Hp-1 (backward),
+    # so the neighbours one and two image rows up (down) are plain slices.
+    ring = jnp.full((n, 2), inf, jnp.float32)
+    if reverse:
+        pad, same, near, far = (lambda c: jnp.concatenate([c, ring], axis=1),
+                                slice(0, hp), slice(1, hp + 1), slice(2, hp + 2))
+    else:
+        pad, same, near, far = (lambda c: jnp.concatenate([ring, c], axis=1),
+                                slice(2, hp + 2), slice(1, hp + 1), slice(0, hp))
 
     def body(carry, x):
         c1, c2, c3, c4, c5, c6, c7 = carry  # the 7 previous wavefronts, nearest first
         col, ok = x[0], x[1]
-        new = jnp.minimum(c1 + w_hv, shift(c1, 1) + w_knight)
-        new = jnp.minimum(new, shift(c2, 1) + w_diag)
-        new = jnp.minimum(new, shift(c3, 1) + w_hv)
-        new = jnp.minimum(new, shift(c4, 1) + w_diag)
-        new = jnp.minimum(new, shift(c5, 1) + w_knight)
-        new = jnp.minimum(new, shift(c5, 2) + w_knight)
-        new = jnp.minimum(new, shift(c7, 2) + w_knight)
+        new = jnp.minimum(c1[:, same] + w_hv, c1[:, near] + w_knight)
+        new = jnp.minimum(new, c2[:, near] + w_diag)
+        new = jnp.minimum(new, c3[:, near] + w_hv)
+        new = jnp.minimum(new, c4[:, near] + w_diag)
+        new = jnp.minimum(new, c5[:, near] + w_knight)
+        new = jnp.minimum(new, c5[:, far] + w_knight)
+        new = jnp.minimum(new, c7[:, far] + w_knight)
         new = jnp.where(ok[None, :], jnp.minimum(col, new), inf)
         if sources is not None:
             new = jnp.where(x[2], 0.0, new)
-        return (new, c1, c2, c3, c4, c5, c6), new
+        return (pad(new), c1, c2, c3, c4, c5, c6), new
 
-    init = tuple(jnp.full((n, hp), inf, jnp.float32) for _ in range(7))
+    init = tuple(jnp.full((n, hp + 2), inf, jnp.float32) for _ in range(7))
     xs = (cols, valid) if sources is None else (cols, valid, sources)
-    _, out = lax.scan(lambda c, x: body(c, x), init, xs, reverse=reverse, unroll=_CHAMFER_UNROLL)
+    _, out = lax.scan(body, init, xs, reverse=reverse, unroll=_CHAMFER_UNROLL)
     return out
 
 
