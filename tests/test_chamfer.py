@@ -98,8 +98,9 @@ def test_many_random_shapes_and_sizes():
 
 
 def test_float32_ties_at_large_distances_are_rare_and_within_one_ulp():
-    """Known gap: far from a single zero, OpenCV (its IPP code path) occasionally rounds a float32
-    half-way sum differently from the two-pass model; the difference is then exactly one ulp."""
+    """Known gap: OpenCV's IPP code path sometimes resolves a float32 half-way sum `x + 1` along a
+    row upwards where the two-pass model (and chamfer5) rounds to even; those pixels (these masks:
+    a single zero far from the border) differ by exactly one ulp."""
     masks = np.ones((3, 160, 160), bool)
     for i, (r, c) in enumerate([(33, 20), (10, 5), (120, 140)]):
         masks[i, r, c] = False
