@@ -88,13 +88,26 @@ def test_shapes_and_errors():
         chamfer5(jnp.zeros((4, 5), bool))
 
 
+def check_up_to_ties(masks):
+    """Equal up to the known one-ulp gap (see the next test): every difference is one ulp, they
+    are rare, and the clicker's deep region dt > max / 2 is the same."""
+    masks = np.asarray(masks, bool)
+    out = np.asarray(_chamfer5(jnp.asarray(masks)))
+    ref = np.stack([reference(m) for m in masks])
+    differ = out != ref
+    np.testing.assert_array_equal(np.abs(out.view(np.int32) - ref.view(np.int32))[differ], 1)
+    assert differ.mean() < 2e-3
+    for o, r in zip(out, ref):
+        np.testing.assert_array_equal(o > o.max() / 2, r > r.max() / 2)
+
+
 @pytest.mark.slow
 def test_many_random_shapes_and_sizes():
     rng = np.random.default_rng(2)
     for _ in range(40):
         h, w = rng.integers(1, 897, 2)
-        check(blobs(rng, 2, h, w, holes=rng.random() < 0.5))
-        check(rng.random((1, h, w)) < rng.uniform(0.5, 1.0))
+        check_up_to_ties(blobs(rng, 2, h, w, holes=rng.random() < 0.5))
+        check_up_to_ties(rng.random((1, h, w)) < rng.uniform(0.5, 1.0))
 
 
 def test_float32_ties_at_large_distances_are_rare_and_within_one_ulp():
