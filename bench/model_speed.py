@@ -14,7 +14,7 @@ app, the demo, eval.py and train.py do) unless `--no-reuse-buffers`.
 
 `--torch` also times `convert_weights/torch_reference.py` holding the same weights, interleaved
 with the JAX runs (one JAX call, then the torch call, per repeat), so the ratios hold on a
-loaded machine. Its paths follow the original's split (spec §5.5): `set_image` = normalise +
+loaded machine. Its paths follow the original's split (docs/design/evaluation.md#quick-response-split): `set_image` = normalise +
 DINOv2 taps; `apply_click` = fuse Linear (recomputed per click, as the original does) + click
 disks + patch embedding + EncoderStack + neck + head + align_corners=True resize. Its attention
 core rows are torch's fused `scaled_dot_product_attention` (timm's DINOv2 blocks use it).

@@ -110,7 +110,7 @@ def run_torch(config: str, batch: int, crop: int, steps: int) -> dict:
     net_input = torch.cat([image, torch.zeros(batch, 1, crop, crop)], dim=1)
     points, gt = torch.from_numpy(data["points"]), torch.from_numpy(data["gt"])[:, None]
 
-    def nfl(z, y, alpha=0.5, gamma=2.0, eps=1e-12):  # spec §4.7 (RITM), no ignored pixels here
+    def nfl(z, y, alpha=0.5, gamma=2.0, eps=1e-12):  # docs/design/training.md#loss (RITM), no ignored pixels here
         p = torch.sigmoid(z)
         pt = 1.0 - torch.abs(y - p)
         beta = (1 - pt) ** gamma

@@ -1,6 +1,6 @@
 """'Baseline' ablation: like frozen.py, but the DINOv2 backbone is trained too.
 
-Argument: 'released' (default, block 2 feeds the stack, spec §8.1) or 'paper' (block 11).
+Argument: 'released' (default, block 2 feeds the stack, docs/design/model.md#released-code-quirks) or 'paper' (block 11).
 Paper (README): GrabCut NoC@90 1.74, Avg. WSESeg NoC@90 12.031."""
 
 from skipclick_jax import config_lib

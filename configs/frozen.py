@@ -1,7 +1,7 @@
 """'+ Frozen Backbone' ablation: one DINOv2 tap feeds the EncoderStack, no fuse, no skips.
 
 Argument (`--config configs/frozen.py:paper`): 'released' (default) feeds block 2, as the
-released code does (spec §8.1), so converted released weights reproduce released results;
+released code does (docs/design/model.md#released-code-quirks), so converted released weights reproduce released results;
 'paper' feeds block 11, as the paper describes.
 Paper (README): GrabCut NoC@90 1.72, Avg. WSESeg NoC@90 11.951."""
 

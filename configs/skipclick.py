@@ -1,4 +1,4 @@
-"""SkipClick (the full model, spec §1.1): frozen DINOv2 ViT-B/14-reg4, taps 2/5/8/11 fused,
+"""SkipClick (the full model, docs/design/model.md#configurations): frozen DINOv2 ViT-B/14-reg4, taps 2/5/8/11 fused,
 4-block EncoderStack, SimpleFPN with skip connections, SegFormer head (x1).
 
 Train: python train.py --config configs/skipclick.py --workdir runs/skipclick \

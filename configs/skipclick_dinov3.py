@@ -1,4 +1,4 @@
-"""SkipClick-DINOv3 (the original repository's best variant, spec dinov3.md §1): frozen DINOv3
+"""SkipClick-DINOv3 (the original repository's best variant, docs/design/model.md#dinov3-backbone): frozen DINOv3
 ViT-B/16 (4 storage tokens, RoPE), taps 2/5/8/11 through its final norm, fused; 4-block
 EncoderStack on the 28x28 grid at crop 448; SimpleFPN with skip connections; SegFormer head (x1).
 

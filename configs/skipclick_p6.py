@@ -1,4 +1,4 @@
-"""SkipClick with a 6-block EncoderStack (post-depth ablation, spec §1.1)."""
+"""SkipClick with a 6-block EncoderStack (post-depth ablation, docs/design/model.md#configurations)."""
 
 from skipclick_jax import config_lib
 

@@ -1,4 +1,4 @@
-"""SkipClick with the head's 'x4' upsampling (up_conv stages before the classifier, spec §1.7)."""
+"""SkipClick with the head's 'x4' upsampling (up_conv stages before the classifier, docs/design/model.md#head)."""
 
 from skipclick_jax import config_lib
 

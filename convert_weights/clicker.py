@@ -1,4 +1,4 @@
-"""The original's Clicker in NumPy/SciPy (spec §5), without torch: used by `torch_noc`'s NoC
+"""The original's Clicker in NumPy/SciPy (docs/design/evaluation.md), without torch: used by `torch_noc`'s NoC
 loop and by the per-sample loop of `bench/eval_speed.py`."""
 
 from __future__ import annotations

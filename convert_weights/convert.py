@@ -24,12 +24,18 @@ from skipclick_jax.weights.importer import (  # noqa: F401  (re-exported for the
     read_file,
 )
 
+EXPORT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
 def _atomic_write(path: pathlib.Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes 0600)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -97,13 +103,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     out = pathlib.Path(args.out)
+    if out.suffix and out.suffix not in EXPORT_SUFFIXES and not args.out.endswith(("/", os.sep)):
+        ap.error(f"--out {args.out}: unsupported file type {out.suffix!r}; use a .pth/.pt/.safetensors "
+                 "file to export a state dict, or a directory name without an extension (or ending "
+                 "in /) for a project checkpoint")
     if out.exists() and not args.overwrite:
         ap.error(f"{out} exists (use --overwrite)")
     config = load_config_file(args.config) if args.config else None
     try:
         model, config, info = checkpoint.load_with_info(args.src, config, fmt=args.format,
                                                         seed=args.seed)
-        if out.suffix in (".pth", ".pt", ".safetensors"):
+        if out.suffix in EXPORT_SUFFIXES and not args.out.endswith(("/", os.sep)):
             export_weights(model, config, out)
         else:
             checkpoint.save(out, model, config, overwrite=args.overwrite)

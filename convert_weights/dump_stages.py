@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
 
 import numpy as np
 
@@ -19,18 +20,33 @@ from skipclick_jax.weights import CheckpointError
 
 def read_inputs(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IN.npz -> (image [1,H,W,3] uint8, prev_mask [1,H,W] float32, points [1,2P,3] float32)."""
-    with np.load(path) as f:
-        missing = {"image", "prev_mask", "points"} - set(f.files)
-        if missing:
-            raise CheckpointError(f"{path}: missing arrays {sorted(missing)}")
-        image, prev, points = f["image"], f["prev_mask"], f["points"]
+    try:
+        with np.load(path) as f:
+            if not hasattr(f, "files"):
+                raise CheckpointError(f"{path}: a single .npy array, expected a .npz archive (np.savez)")
+            missing = {"image", "prev_mask", "points"} - set(f.files)
+            if missing:
+                raise CheckpointError(f"{path}: missing arrays {sorted(missing)}")
+            image, prev, points = f["image"], f["prev_mask"], f["points"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a .npz archive written by np.savez (image, prev_mask, "
+                              f"points) ({type(err).__name__})") from None
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise CheckpointError(f"{path}: image must be [H,W,3] uint8, got {image.shape} {image.dtype}")
     if prev.shape != image.shape[:2]:
         raise CheckpointError(f"{path}: prev_mask {prev.shape} must be [H,W] = {image.shape[:2]}")
     if points.ndim != 3 or points.shape[0] != 1 or points.shape[2] != 3 or points.shape[1] % 2:
         raise CheckpointError(f"{path}: points must be [1,2P,3], got {points.shape}")
-    return image[None], prev[None].astype(np.float32), points.astype(np.float32)
+    points = points.astype(np.float32)
+    used = points[0, :, 2] >= 0  # rows of -1 are empty slots
+    h, w = image.shape[:2]
+    rows, cols = points[0, used, 0], points[0, used, 1]
+    if (not np.isfinite(points).all() or ((points[0, ~used] != -1).any())
+            or (rows < 0).any() or (rows > h - 1).any() or (cols < 0).any() or (cols > w - 1).any()):
+        raise CheckpointError(f"{path}: points must be (row, col, order) inside the {h}x{w} image "
+                              "with order >= 0, or rows of -1 for empty slots; got values in "
+                              f"[{np.nanmin(points):g}, {np.nanmax(points):g}]")
+    return image[None], prev[None].astype(np.float32), points
 
 
 def to_torch_layout(stages: dict) -> dict[str, np.ndarray]:

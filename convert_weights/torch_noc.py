@@ -1,4 +1,4 @@
-"""The original's NoC evaluation of one sample (spec §5), restated in PyTorch and NumPy.
+"""The original's NoC evaluation of one sample (docs/design/evaluation.md), restated in PyTorch and NumPy.
 
 `evaluate_model.py NoBRS --eval-mode=cvpr --suppress-zoom` one click at a time: the Clicker
 (exact EDT of the 1-px zero-padded error masks, never the same pixel twice, first maximum in

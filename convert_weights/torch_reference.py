@@ -1,14 +1,14 @@
-"""PyTorch SkipClick (`FeatureVitModel`) written from the spec, with the original key structure.
+"""PyTorch SkipClick (`FeatureVitModel`) written from docs/design/model.md, with the original key structure.
 
-`state_dict()` keys, order and shapes equal those of a released checkpoint (spec §2.2). The DINOv3
-backbone (`model.backbone.kind == 'dinov3'`, dinov3.md) holds the torch.hub parameters and buffers
+`state_dict()` keys, order and shapes equal those of a released checkpoint (docs/design/model.md#parameter-counts). The DINOv3
+backbone (`model.backbone.kind == 'dinov3'`, docs/design/model.md#dinov3-backbone) holds the torch.hub parameters and buffers
 under `feature_extractor.dinov3.*` and runs timm's `Eva` in its `vit_*_patch16_dinov3_qkvb` layout
-(dinov3.md §3: the masked qkv bias as q/k/v biases, LayerScale as gamma_1/2, the stored RoPE periods
+(docs/parity.md#dinov3: the masked qkv bias as q/k/v biases, LayerScale as gamma_1/2, the stored RoPE periods
 copied in, `forward_intermediates(norm=True)`). The DINOv2
 backbone runs timm's own `VisionTransformer` (`vit_base_patch14_reg4_dinov2` layout, dynamic image
 size, antialiased bicubic position-embedding resampling) while its parameters are held in the
 torch.hub format under `feature_extractor.dinov2.*` (`cls_token` without its position, `pos_embed`
-[1, 1 + G², C], `register_tokens`, `mask_token`). Numerics follow the spec: ImageNet normalisation,
+[1, 1 + G², C], `register_tokens`, `mask_token`). Numerics follow docs/design/model.md#numerics: ImageNet normalisation,
 disk click maps, raw block-output taps without the final norm for DINOv2 (with it for DINOv3;
 `normalized_taps` of the JAX backbone class says which), non-antialiased bicubic EncoderStack
 position embedding, GroupNorm(1) eps 1e-5, exact GELU, ReLU ConvModules, Dropout2d, and an
@@ -268,7 +268,7 @@ class StackBlock(nn.Module):
 
 
 class EncoderStack(nn.Module):
-    """`backbone_mix`: click embedding + own position embedding, then `depth` blocks (spec §1.5)."""
+    """`backbone_mix`: click embedding + own position embedding, then `depth` blocks (docs/design/model.md#encoderstack)."""
 
     def __init__(self, *, dim, depth, heads, mlp_ratio, grid, **_):
         super().__init__()
@@ -292,7 +292,7 @@ class EncoderStack(nn.Module):
 
 
 class SimpleFPN(nn.Module):
-    """SimpleClick's SimpleFPN; with skips branch i sees cat([X, S_i]) (spec §1.6)."""
+    """SimpleClick's SimpleFPN; with skips branch i sees cat([X, S_i]) (docs/design/model.md#neck)."""
 
     def __init__(self, in_dim: int, skip_dim: int, out_dims, skip_connections: bool):
         super().__init__()
@@ -342,7 +342,7 @@ def _up_conv(cin: int, cout: int) -> nn.Sequential:
 
 
 class SegHead(nn.Module):
-    """SegFormer all-MLP head (`SwinTransfomerSegHead`, spec §1.7)."""
+    """SegFormer all-MLP head (`SwinTransfomerSegHead`, docs/design/model.md#head)."""
 
     def __init__(self, in_channels, embed_dim: int, upsample: str, dropout: float):
         super().__init__()
@@ -387,7 +387,7 @@ def disk_maps(points: torch.Tensor, rows: int, cols: int, radius: float = 5.0) -
 
 
 class SkipClickTorch(nn.Module):
-    """FeatureVitModel (full forward, spec §1.3) built from a project model config."""
+    """FeatureVitModel (full forward, docs/design/model.md#overview) built from a project model config."""
 
     def __init__(self, cfg):
         super().__init__()

@@ -75,7 +75,7 @@ def verify_digests(directory: str | os.PathLike, under: str | None = None) -> No
         raise CorruptCheckpointError(
             f"{directory}: no integrity digests ({DIGESTS} is missing): the save did not complete, "
             f"or the checkpoint was written without digests; refusing to load unverified weights "
-            f"(re-save it with skipclick_jax.checkpoint.save)")
+            f"(if the files are complete and yours, seal it: python -m skipclick_jax.seal {directory})")
     try:
         table = json.loads(table_path.read_text())
         entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in table.items()]

@@ -1,4 +1,4 @@
-"""Next-click rules of the original, pure and batched (spec §5.3 evaluation, §4.6 training).
+"""Next-click rules of the original, pure and batched (docs/design/evaluation.md#clicker, docs/design/training.md#click-simulation).
 
 Both rules zero-pad the error masks by one pixel (here: `edt` / `chamfer5` count the ring, and `edt`
 also pixels outside `valid`, as zeros). The evaluation clicker takes the exact Euclidean distance

@@ -5,10 +5,13 @@ A config is an `ml_collections.ConfigDict` with sections:
   train  – training recipe (read by `train.py`),
   data   – training data (read by `train.py`),
   eval   – NoC protocol (read by `eval.py` and by the end of `train.py`).
+
+Both command lines override a value with `--config.<section>.<key>=<value>` (`override`).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import pathlib
@@ -18,7 +21,7 @@ import ml_collections
 DINOV2_VITB14_REG4 = dict(
     kind="dinov2", dim=768, depth=12, heads=12, patch=14, num_registers=4, pos_grid=37, mlp_ratio=4
 )
-# torch.hub `dinov3_vitb16` (spec dinov3.md §2): 4 storage tokens (`num_registers`), RoPE base 100
+# torch.hub `dinov3_vitb16` (docs/design/model.md#dinov3-backbone): 4 storage tokens (`num_registers`), RoPE base 100
 # whose coordinate rescale factor 2 is active in training mode, LayerScale init 1e-5.
 DINOV3_VITB16 = dict(
     kind="dinov3", dim=768, depth=12, heads=12, patch=16, num_registers=4, mlp_ratio=4,
@@ -37,12 +40,12 @@ def model_config(
     frozen=True,
     crop_size=448,
 ) -> ml_collections.ConfigDict:
-    """The SkipClick architecture (spec §1.1); defaults are the full SkipClick model.
+    """The SkipClick architecture (docs/design/model.md#configurations); defaults are the full SkipClick model.
 
     `backbone` is 'dinov2' (ViT-B/14 with registers) or 'dinov3' (ViT-B/16, SkipClick-DINOv3);
     the EncoderStack and click embedding take its patch size. `backbone.taps` are the blocks whose
     outputs are used. Several taps are fused by a Linear layer; a single tap feeds the EncoderStack
-    directly. The released code always feeds block 2 for its single-tap configs (spec §8.1), the
+    directly. The released code always feeds block 2 for its single-tap configs (docs/design/model.md#released-code-quirks), the
     paper describes block 11.
     """
     if backbone not in BACKBONES:
@@ -120,6 +123,51 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
         return module.get_config(arg) if arg is not None else module.get_config()
     except (KeyError, TypeError) as e:
         raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from e
+
+
+OVERRIDE_PREFIX = "--config."
+
+
+def override_arg(arg: str) -> tuple[str, str] | None:
+    """'--config.<key>=<value>' -> (key, value); None for any other argument."""
+    if not arg.startswith(OVERRIDE_PREFIX) or "=" not in arg:
+        return None
+    key, value = arg[len(OVERRIDE_PREFIX):].split("=", 1)
+    return key, value
+
+
+def override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
+    """Sets cfg.<key> (dotted) from the text of `--config.<key>=<value>`, parsed exactly as
+    train.py's absl flags parse it (ml_collections `config_flags`, by the field's type: bool
+    true/false/t/f/1/0, int, float, str, tuple as '(a, b)', a section as a dict literal).
+    KeyError for an unknown key, ValueError for a value the field cannot take."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        if part not in node:
+            raise KeyError(f"--config.{key}: no section {part!r}")
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(f"--config.{key}: unknown field (known: {sorted(node.keys())})")
+    old = node[leaf]
+    if old is None:  # no type to parse by (a null in an older config.json): a Python literal
+        try:
+            node[leaf] = ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError) as e:
+            raise ValueError(f"--config.{key}={value}: not a valid literal ({e})") from None
+        return
+    argv = ["override", f"{OVERRIDE_PREFIX}{key}={value}"]
+    flag_values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict("config", cfg, flag_values=flag_values, sys_argv=argv,
+                                        lock_config=False)
+        flag_values(argv)
+    except (flags.Error, ValueError, TypeError) as e:
+        cause = str(e).removeprefix(f"flag {argv[1]}: ")
+        raise ValueError(f"--config.{key}={value}: not a valid {type(old).__name__} ({cause})") from None
 
 
 def config_to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -277,6 +325,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     naming the key and the value. Returns `cfg`."""
     import dataclasses
 
+    from skipclick_jax.data.custom_datasets import CustomOptions
     from skipclick_jax.data.eval_datasets import EVAL_DATASETS
     from skipclick_jax.data.synthetic import SyntheticConfig
     from skipclick_jax.data.train_datasets import TRAIN_DATASETS, TRAIN_SPLITS
@@ -334,7 +383,38 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             _check(name in EVAL_DATASETS, "data.eval_datasets", tuple(d.eval_datasets),
                    f"{name!r} is not one of {EVAL_DATASETS}")
     try:
+        CustomOptions.from_config(d)
+    except ValueError as e:
+        raise ConfigError(f"config value {e}") from None
+    try:
         SyntheticConfig(**dict(d.get("synthetic", {})))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config value data.synthetic={dict(d.synthetic)!r} is invalid: {e}") from None
     return cfg
+
+
+def define_config_flag(name: str = "config", help_string: str = "Experiment config file: "
+                       "configs/*.py[:arg] or a run's checkpoints/config.json.", flag_values=None,
+                       lock_config: bool = True, sys_argv: list[str] | None = None):
+    """`ml_collections.config_flags.DEFINE_config_file` that also reads a `.json` config (the one
+    written beside every checkpoint) as JSON instead of executing it as Python; `--name.<key>=v`
+    overrides work for both (`sys_argv`: where to look for them, default sys.argv)."""
+    from absl import flags
+    from ml_collections import config_flags
+    from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+    class Parser(ConfigFileFlagParser):
+        def parse(self, path):
+            file, _ = split_config_arg(path) if isinstance(path, str) else (None, None)
+            if file is None or file.suffix != ".json":
+                return super().parse(path)
+            cfg = read_config_json(file)
+            if self._lock_config:
+                cfg.lock()
+            return cfg
+
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=flag_values,
+                                             lock_config=lock_config, sys_argv=sys_argv)
+    flag_values[name].parser = Parser(name=name, lock_config=lock_config)
+    return holder

@@ -125,7 +125,10 @@ def export(model: SkipClick, model_cfg, out: str | os.PathLike, *, size: int | N
     out = pathlib.Path(out).absolute()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    size = int(size or model.backbone_mix.pos_grid * model.patch)
+    if size is None:
+        size = model.backbone_mix.pos_grid * model.patch
+    elif isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"--size must be a positive multiple of the patch size {model.patch}, got {size!r}")
     model.check_image_size(size, size)
     encoder, decoder, names = graph_functions(for_onnxruntime(model) if fmt == "onnx" else model, size)
     enc_in, enc_out, dec_in, dec_out = _specs(model, size, encoder, names)
@@ -180,6 +183,8 @@ def main(argv=None) -> None:
     from skipclick_jax.checkpoint import load
     from skipclick_jax.weights.importer import model_section
 
+    if args.size is not None and args.size <= 0:
+        parser.error(f"--size must be a positive multiple of the model's patch size, got {args.size}")
     out = pathlib.Path(args.out)
     if out.exists() and not args.overwrite:
         parser.error(f"--out {out} exists; pass --overwrite to replace it")

@@ -36,7 +36,8 @@ def as_float_image(image, what: str = "image") -> np.ndarray:
                          f"{tuple(int(i) for i in bad)}); clean them before segmenting")
     lo, hi = float(image.min()), float(image.max())
     if lo < -FLOAT_TOLERANCE or hi > 1 + FLOAT_TOLERANCE:
-        hint = ("it looks like 0..255: pass image.astype(np.uint8) or image / 255" if hi <= 255 + FLOAT_TOLERANCE
-                and lo >= -FLOAT_TOLERANCE else "rescale it to 0..1")
+        hint = ("it looks like 0..255: pass image.astype(np.uint8) or image / 255"
+                if 2 < hi <= 255 + FLOAT_TOLERANCE and lo >= -FLOAT_TOLERANCE
+                else "rescale or clip it to 0..1 (np.clip(image, 0, 1))")
         raise ValueError(f"float {what} has values in [{lo:g}, {hi:g}], expected 0..1; {hint}")
     return np.clip(image, 0.0, 1.0)

@@ -1,4 +1,4 @@
-"""NoC metrics of the original evaluation (spec §5.4), in float64 NumPy on the host."""
+"""NoC metrics of the original evaluation (docs/design/evaluation.md#metrics), in float64 NumPy on the host."""
 
 from __future__ import annotations
 

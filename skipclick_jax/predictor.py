@@ -1,4 +1,4 @@
-"""Interactive predictors for annotation (spec §5.5, the original demo's glue).
+"""Interactive predictors for annotation (docs/design/evaluation.md#quick-response-split, the original demo's glue).
 
     predictor = Predictor(model)             # JAX: any SkipClick (e.g. skipclick_jax.load(path)[0])
     predictor = OnnxPredictor(export_dir)    # onnxruntime on `python -m skipclick_jax.export` output
@@ -9,7 +9,10 @@
 The image is resized once to the model's square size S with bilinear align_corners=True and
 encoded once; each click runs only the per-click path. A click (r, c) at the original
 resolution maps to (S·r/H, S·c/W), the previous probability is resized to S (align_corners=True)
-and fed back, and the output probability is resized back to H×W (align_corners=True).
+and fed back, and the output probability is resized back to H×W (align_corners=True). The
+resizes to and from H×W run on the host in NumPy (torch's kernels, `skipclick_jax.resize`), so
+the compiled graphs see S×S only: a new image size compiles nothing. The undo stack keeps S×S
+probabilities; the feedback H×W -> S×S is computed exactly without an H×W map.
 
 The host side (`_ClickSession`: clicks, the state stack behind undo, the exact S·r/H click
 encoding) is shared by both predictors and framework-free: this module imports neither JAX nor
@@ -19,7 +22,6 @@ torch; `Predictor` imports JAX when constructed, `OnnxPredictor` only onnxruntim
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 from typing import TYPE_CHECKING
@@ -58,18 +60,47 @@ def encode_points(clicks, size: int, height: int, width: int,
 
 @dataclasses.dataclass
 class _Step:
+    """One undo step: the clicks and the network-size probability [S, S] (None: no click yet).
+    Nothing H×W is kept: the image-size probability is resized from `prob_s` when asked for."""
     clicks: list[tuple[int, int, bool]]
-    prob: np.ndarray
+    prob_s: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.prob_s is None else int(self.prob_s.nbytes)
+
+
+def check_click(row, col, positive) -> tuple[int, int, bool]:
+    """Integers (Python or NumPy, not bool) and a bool; anything else is a TypeError naming it."""
+    for name, v in (("row", row), ("col", col)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer pixel index, got {type(v).__name__} {v!r}")
+    if not isinstance(positive, (bool, np.bool_)):
+        raise TypeError(f"positive must be True or False, got {type(positive).__name__} {positive!r}")
+    return int(row), int(col), bool(positive)
+
+
+def check_size(size, patch: int) -> int:
+    """The network size: a positive integer multiple of the patch size; ValueError otherwise."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % patch:
+        raise ValueError(f"size must be a positive multiple of the patch size {patch} "
+                         f"(e.g. {4 * patch}), got {size!r}")
+    return int(size)
 
 
 class _ClickSession:
     """Host-side state shared by the predictors: the image size, the encoding, and a stack of
-    (clicks, probability) steps (undo pops without recomputing). Subclasses set `size` and
-    implement `set_image` and `add_click`."""
+    (clicks, network-size probability) steps (undo pops without recomputing). Subclasses set
+    `size` and implement `set_image` and `_decode(prev_s, points, denom) -> prob [S, S]`.
+
+    Everything image-size is NumPy on the host (`resize.*_numpy`, torch's kernels, the same
+    float32 sums): the compiled graphs see S×S only, so a new image size compiles nothing, and
+    memory per undo step is S²·4 bytes whatever the image size."""
 
     size: int
     _encoding = None
     _history: list[_Step]
+    _full = (None, None)  # (step, H×W probability) cache of the last full-size resize
 
     @property
     def clicks(self) -> list[tuple[int, int, bool]]:
@@ -78,16 +109,39 @@ class _ClickSession:
 
     @property
     def probability(self) -> np.ndarray:
-        """The current probability map [H, W] (zeros before the first click)."""
+        """The current probability map [H, W] float32 (zeros before the first click)."""
         self._require_image()
-        return self._history[-1].prob
+        return self._full_prob(self._history[-1])
+
+    @property
+    def network_probability(self) -> np.ndarray | None:
+        """The current probability at network size [S, S] (None before the first click)."""
+        self._require_image()
+        return self._history[-1].prob_s
+
+    def mask(self, threshold: float = 0.5, prob_s: np.ndarray | None = None) -> np.ndarray:
+        """bool [H, W]: `probability > threshold` (of `prob_s` if given) without a float H×W map."""
+        self._require_image()
+        prob_s = self._history[-1].prob_s if prob_s is None else prob_s
+        if prob_s is None:
+            return np.zeros((self.height, self.width), bool)
+        return resize.bilinear_ac_threshold_numpy(prob_s, (self.height, self.width), threshold)
+
+    @property
+    def history_nbytes(self) -> int:
+        """Bytes held by the undo stack (network-size probabilities)."""
+        return sum(step.nbytes for step in self._history)
 
     def undo(self) -> np.ndarray:
         """Removes the last click; returns the probability before it."""
+        self.pop_click()
+        return self.probability
+
+    def pop_click(self) -> None:
+        """`undo` without making the H×W probability (read `mask()` or `probability` later)."""
         self._require_image()
         if len(self._history) > 1:
             self._history.pop()
-        return self._history[-1].prob
 
     def reset(self) -> None:
         """Removes all clicks (keeps the encoded image)."""
@@ -104,25 +158,63 @@ class _ClickSession:
     def restore_session(self, state: dict) -> None:
         self._encoding, self._history = state["encoding"], list(state["history"])
         self.height, self.width = state["height"], state["width"]
+        self._full = (None, None)
 
-    def _float_image(self, image: np.ndarray) -> np.ndarray:
-        """image [H, W, 3] uint8 or float -> float32 in 0..1; sets height and width."""
+    def add_click(self, row: int, col: int, positive: bool = True) -> np.ndarray:
+        """Adds a click at pixel (row, col) of the original image; returns the new probability
+        [H, W]. row and col are integers, positive a bool (TypeError otherwise)."""
+        self.push_click(row, col, positive)
+        return self.probability
+
+    def push_click(self, row: int, col: int, positive: bool = True) -> None:
+        """`add_click` without making the H×W probability (read `mask()` or `probability` later):
+        what a server holding many images calls."""
+        clicks = self._next_clicks(row, col, positive)
+        points, denom = self._points(clicks)
+        prob_s = np.asarray(self._decode(self._prev_s(), points, denom), np.float32)
+        self._history.append(_Step(clicks, prob_s))
+
+    def _prev_s(self) -> np.ndarray:
+        """The previous probability as the model sees it: resized to H×W and back to S×S (exactly,
+        without the H×W map; zeros before the first click)."""
+        prob_s = self._history[-1].prob_s
+        if prob_s is None:
+            return np.zeros((self.size, self.size), np.float32)
+        return resize.bilinear_ac_roundtrip_numpy(prob_s, (self.height, self.width))
+
+    def _full_prob(self, step: _Step) -> np.ndarray:
+        if self._full[0] is not step:
+            prob = (np.zeros((self.height, self.width), np.float32) if step.prob_s is None else
+                    resize.bilinear_ac_numpy(step.prob_s, (self.height, self.width), channels_last=False))
+            self._full = (step, prob)
+        return self._full[1]
+
+    def _network_image(self, image: np.ndarray) -> np.ndarray:
+        """image [H, W, 3] uint8 or float -> float32 [S, S, 3] in 0..1 (torch bilinear,
+        align_corners=True); sets height and width. A uint8 image is converted in row blocks:
+        no float copy of a large image is made."""
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image must be [H, W, 3] RGB, got shape {image.shape}")
-        img = as_float_image(image)
+        if image.dtype == np.uint8 and image.size:
+            convert = lambda block: block.astype(np.float32) / np.float32(255)  # noqa: E731
+        else:
+            image, convert = as_float_image(image), (lambda block: block)
+        out = resize.bilinear_ac_image_numpy(image, (self.size, self.size), convert)
         self.height, self.width = image.shape[:2]
-        return img
+        return out
 
     def _start(self, encoding) -> None:
         self._encoding = encoding
-        self._history = [_Step([], np.zeros((self.height, self.width), np.float32))]
+        self._history = [_Step([], None)]
+        self._full = (None, None)
 
     def _next_clicks(self, row: int, col: int, positive: bool) -> list[tuple[int, int, bool]]:
+        row, col, positive = check_click(row, col, positive)
         self._require_image()
         if not (0 <= row < self.height and 0 <= col < self.width):
             raise ValueError(f"click ({row}, {col}) lies outside the {self.height}x{self.width} image")
-        return self._history[-1].clicks + [(int(row), int(col), bool(positive))]
+        return self._history[-1].clicks + [(row, col, positive)]
 
     def _points(self, clicks) -> tuple[np.ndarray, np.ndarray]:
         """[2P, 3] (row·S, col·S, index) numerators with denominators (H, W): exact S·r/H."""
@@ -138,9 +230,12 @@ class Predictor(_ClickSession):
 
     def __init__(self, model: SkipClick, size: int | None = None, dtype: str | None = None,
                  attention: str | None = None):
-        """`dtype` / `attention` override the model's compute settings (`SkipClick.set_precision`),
-        e.g. dtype='bfloat16' runs a float32 checkpoint in bfloat16 on an accelerator."""
+        """`size` (default: the model's crop size) is the square network size, a positive
+        multiple of the patch size that the model accepts. `dtype` / `attention` override the
+        model's compute settings (`SkipClick.set_precision`), e.g. dtype='bfloat16' runs a
+        float32 checkpoint in bfloat16 on an accelerator."""
         import jax
+        import jax.numpy as jnp
         from flax import nnx
 
         from skipclick_jax.model import decode_fn, encode_fn
@@ -149,33 +244,29 @@ class Predictor(_ClickSession):
             model = nnx.clone(model)
             model.set_precision(dtype, attention)
         graphdef, self._state = nnx.split(model)
-        self.size = size or model.backbone_mix.pos_grid * model.patch
-        model.check_image_size(self.size, self.size)
-        encode, decode = encode_fn(graphdef), decode_fn(graphdef)
+        self.size = (model.backbone_mix.pos_grid * model.patch if size is None
+                     else check_size(size, model.patch))
         s = self.size
+        encode, decode = encode_fn(graphdef), decode_fn(graphdef)
+        try:  # shapes only: a size the network cannot take fails here, not in set_image
+            enc = jax.eval_shape(encode, self._state, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+            jax.eval_shape(decode, self._state, enc, jax.ShapeDtypeStruct((1, s, s), jnp.float32),
+                           jax.ShapeDtypeStruct((1, 16, 3), jnp.float32),
+                           jax.ShapeDtypeStruct((1, 2), jnp.float32))
+        except (ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"size {s} does not fit this model ({type(e).__name__}: {e}); use a "
+                             f"larger multiple of the patch size {model.patch}, e.g. "
+                             f"{model.backbone_mix.pos_grid * model.patch}") from e
 
-        # Resizes to and from the image's own size are jitted apart from the model, so a new
-        # image size compiles only them; the encode and the decode at S×S compile once.
-        resize_image = jax.jit(lambda image: resize.bilinear_ac(image[None], (s, s)))
+        # Only S×S inputs reach the compiled functions: each compiles once (the decode once per
+        # click-slot bucket), whatever the image sizes.
         encode_jit = jax.jit(encode)
-
-        def _encode(state, image):
-            return encode_jit(state, resize_image(image))
-
-        @jax.jit
-        def _prev(prev_prob):
-            return resize.bilinear_ac(prev_prob[None], (s, s), channels_last=False)
 
         @jax.jit
         def _decode(state, encoding, prev, points, denom):
-            return jax.nn.sigmoid(decode(state, encoding, prev, points[None], denom[None]))
+            return jax.nn.sigmoid(decode(state, encoding, prev[None], points[None], denom[None]))[0]
 
-        @functools.partial(jax.jit, static_argnums=1)
-        def _prob(prob, size):
-            return resize.bilinear_ac(prob, size, channels_last=False)[0]
-
-        self._encode_jit = _encode
-        self._prev_jit, self._decode_jit, self._prob_jit = _prev, _decode, _prob
+        self._encode_jit, self._decode_jit = encode_jit, _decode
         self._encoding = None
         self._history: list[_Step] = []
 
@@ -184,30 +275,18 @@ class Predictor(_ClickSession):
         import jax
         import jax.numpy as jnp
 
-        img = self._float_image(image)
-        self._start(jax.block_until_ready(self._encode_jit(self._state, jnp.asarray(img))))
-        # Warm up the click path so the first click is as fast as the others: the resizes for
-        # this size run once on zeros, the decode (the same for every image) on the first image.
-        prev = self._prev_jit(jnp.asarray(self._history[0].prob))
-        if not getattr(self, "_decode_warm", False):
+        img = self._network_image(image)
+        self._start(jax.block_until_ready(self._encode_jit(self._state, jnp.asarray(img)[None])))
+        if not getattr(self, "_decode_warm", False):  # the first click as fast as the others
             points, denom = self._points([])
-            prev = self._decode_jit(self._state, self._encoding, prev, jnp.asarray(points),
-                                    jnp.asarray(denom))
+            jax.block_until_ready(self._decode(self._prev_s(), points, denom))
             self._decode_warm = True
-        jax.block_until_ready(self._prob_jit(prev, (self.height, self.width)))
 
-    def add_click(self, row: int, col: int, positive: bool = True) -> np.ndarray:
-        """Adds a click at pixel (row, col) of the original image; returns the new probability."""
+    def _decode(self, prev_s, points, denom):
         import jax.numpy as jnp
 
-        clicks = self._next_clicks(row, col, positive)
-        points, denom = self._points(clicks)
-        prev = self._prev_jit(jnp.asarray(self._history[-1].prob))
-        prob = self._decode_jit(self._state, self._encoding, prev, jnp.asarray(points),
+        return self._decode_jit(self._state, self._encoding, jnp.asarray(prev_s), jnp.asarray(points),
                                 jnp.asarray(denom))
-        prob = self._prob_jit(prob, (self.height, self.width))
-        self._history.append(_Step(clicks, np.asarray(prob)))
-        return self._history[-1].prob
 
 
 class OnnxPredictor(_ClickSession):
@@ -244,23 +323,13 @@ class OnnxPredictor(_ClickSession):
 
     def set_image(self, image: np.ndarray) -> None:
         """image [H, W, 3]: uint8 in 0..255 or float in 0..1. Encodes it once."""
-        img = self._float_image(image)
-        s = self.size
-        images = resize.bilinear_ac_numpy(img[None], (s, s))
+        images = self._network_image(image)[None]
         outputs = self._sessions["encoder"].run(None, {"images": images})
         self._start(dict(zip(self._encoding_names, outputs)))
 
-    def add_click(self, row: int, col: int, positive: bool = True) -> np.ndarray:
-        """Adds a click at pixel (row, col) of the original image; returns the new probability."""
-        clicks = self._next_clicks(row, col, positive)
-        points, denom = self._points(clicks)
-        s, h, w = self.size, self.height, self.width
-        prev = resize.bilinear_ac_numpy(self._history[-1].prob[None], (s, s), channels_last=False)
-        logits = self.decode_logits(prev, points[None], denom[None])
-        prob = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-        prob = resize.bilinear_ac_numpy(prob, (h, w), channels_last=False)[0]
-        self._history.append(_Step(clicks, prob))
-        return self._history[-1].prob
+    def _decode(self, prev_s, points, denom):
+        logits = self.decode_logits(prev_s[None], points[None], denom[None])[0]
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
     def decode_logits(self, prev_prob: np.ndarray, points: np.ndarray, denom: np.ndarray) -> np.ndarray:
         """The decoder graph on the current encoding: prev [1,S,S], points [1,2P,3], denom [1,2]

@@ -1,4 +1,4 @@
-"""PyTorch's resampling kernels, exactly (spec Appendix A).
+"""PyTorch's resampling kernels, exactly (docs/design/model.md#resampling).
 
 A separable resize gathers T source taps per output index along each axis and accumulates
 `out = Σ_t x[idx_t] · w_t` in tap order, width first, then height, exactly as torch's CPU kernel
@@ -163,3 +163,74 @@ def bicubic(x: jax.Array, size: tuple[int, int], channels_last: bool = True) -> 
 def bicubic_antialias(x: jax.Array, size: tuple[int, int], channels_last: bool = True) -> jax.Array:
     """torch bicubic, antialias=True (equal to jax cubic+antialias up to float32 weight rounding)."""
     return _resize(x, size, cubic_aa_taps, channels_last)
+
+
+def _along_numpy(y: np.ndarray, idx: np.ndarray, wts: np.ndarray, axis: int,
+                 trailing: tuple = ()) -> np.ndarray:
+    """One pass of `_separable` in NumPy: Σ_t y[idx_t] · w_t along `axis` (0 = height, 1 = width)
+    of y [H, W, *C]; `trailing` is (1,) * len(C)."""
+    shape = (-1, *trailing) if axis == 1 else (-1, 1, *trailing)
+    out = None
+    for t in range(idx.shape[1]):
+        term = np.take(y, idx[:, t], axis=axis) * wts[:, t].reshape(shape)
+        out = term if out is None else out + term
+    return out
+
+
+def bilinear_ac_roundtrip_numpy(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """x [S, S'] -> `bilinear_ac_numpy(bilinear_ac_numpy(x, size), x.shape)` without the full
+    `size` intermediate: bit for bit the same float32 sums, computed only for the rows and columns
+    of the intermediate that the way back reads (at most 2·S of each), so memory is O(S·S').
+
+    This is how the Predictor feeds an H×W probability back at network size S×S' without keeping
+    (or allocating) anything H×W.
+    """
+    x = np.asarray(x, np.float32)
+    s_h, s_w = x.shape
+    if (s_h, s_w) == tuple(size):
+        return x
+    taps = functools.partial(linear_taps, align_corners=True)
+    (up_hi, up_hw), (up_wi, up_ww) = taps(s_h, size[0]), taps(s_w, size[1])
+    (dn_hi, dn_hw), (dn_wi, dn_ww) = taps(size[0], s_h), taps(size[1], s_w)
+    rows, cols = np.unique(dn_hi), np.unique(dn_wi)  # the intermediate pixels read on the way back
+    y = _along_numpy(x, up_wi[cols], up_ww[cols], axis=1)       # width up: [S, |cols|]
+    y = _along_numpy(y, up_hi[rows], up_hw[rows], axis=0)       # height up: [|rows|, |cols|]
+    y = _along_numpy(y, np.searchsorted(cols, dn_wi).astype(np.int32), dn_ww, axis=1)  # [|rows|, S']
+    return _along_numpy(y, np.searchsorted(rows, dn_hi).astype(np.int32), dn_hw, axis=0)
+
+
+def bilinear_ac_threshold_numpy(x: np.ndarray, size: tuple[int, int], threshold: float,
+                                chunk_rows: int = 512) -> np.ndarray:
+    """`bilinear_ac_numpy(x, size, channels_last=False) > threshold` for x [S, S'] -> bool [H, W],
+    with the float32 result made `chunk_rows` output rows at a time (the same sums): the float
+    H×W map never exists whole."""
+    x = np.asarray(x, np.float32)
+    if x.shape == tuple(size):
+        return x > threshold
+    taps = functools.partial(linear_taps, align_corners=True)
+    (hi, hw), (wi, ww) = taps(x.shape[0], size[0]), taps(x.shape[1], size[1])
+    rows = _along_numpy(x, wi, ww, axis=1)  # width pass: [S, W]
+    out = np.empty(tuple(size), bool)
+    for r0 in range(0, size[0], chunk_rows):
+        r1 = min(r0 + chunk_rows, size[0])
+        out[r0:r1] = _along_numpy(rows, hi[r0:r1], hw[r0:r1], axis=0) > threshold
+    return out
+
+
+def bilinear_ac_image_numpy(image: np.ndarray, size: tuple[int, int], convert,
+                            chunk_rows: int = 512) -> np.ndarray:
+    """`bilinear_ac_numpy(convert(image), size)` for an [H, W, C] image, converting and
+    width-resizing `chunk_rows` input rows at a time (the width pass treats rows independently:
+    the same sums), so no float copy of the full image is made. `convert` maps a row block to
+    float32 (e.g. uint8 / 255)."""
+    h, w = image.shape[:2]
+    if (h, w) == tuple(size):
+        return np.asarray(convert(image), np.float32)
+    taps = functools.partial(linear_taps, align_corners=True)
+    (hi, hw), (wi, ww) = taps(h, size[0]), taps(w, size[1])
+    trailing = (1,) * (image.ndim - 2)
+    rows = np.concatenate([
+        _along_numpy(np.asarray(convert(image[r0:r0 + chunk_rows]), np.float32), wi, ww, 1, trailing)
+        for r0 in range(0, h, chunk_rows)])
+    return _along_numpy(rows, hi, hw, 0, trailing)
+

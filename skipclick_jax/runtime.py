@@ -39,7 +39,7 @@ def reuse_large_buffers() -> bool:
     threshold (at most 32 MiB) freshly and unmaps it on free, so every call of a jitted function
     with large temporaries page-faults them in again (a ViT-B block at 448 has 51 MiB of attention
     scores). The SkipClick encode and per-click decode get ~1.2x faster on CPU for ~100 MiB more
-    resident heap (README, "Quick response"; bench/model_speed.py --no-reuse-buffers compares).
+    resident heap (docs/performance.md#quick-response; bench/model_speed.py --no-reuse-buffers compares).
     Blocks above 64 MiB allocated by worker threads are still mapped per call (glibc's per-thread
     heaps are at most 64 MiB). A no-op returning False where the C library is not glibc.
     """

@@ -163,10 +163,13 @@ def test_sessions_undo_and_eviction(server):
     assert status == 400 and "outside the 336x448 image" in body["error"]
     status, body = _post_json(server + "/api/click", dict(session=first, row=1))
     assert status == 400 and "col, positive" in body["error"]
-    for _ in range(MAX_SESSIONS):
-        _upload(server, png)
+    others = [_upload(server, png)[1]["session"] for _ in range(MAX_SESSIONS)]
     status, body = _post_json(server + "/api/undo", dict(session=first))  # least recently used: gone
     assert status == 404 and "expired session" in body["error"]
+    status, body = _upload(server, png)  # the others are fresh (not used since uploaded): kept
+    assert status == 503 and "the server is full" in body["error"]
+    for sid in others:  # used now: they may go when room is needed
+        assert _post_json(server + "/api/reset", dict(session=sid))[0] == 200
 
 
 # ----------------------------------------------------------------------------- the browser
@@ -304,6 +307,20 @@ def test_annotate_in_the_browser(server, browser, tmp_path):
     assert set(np.unique(labels)) == {0, 1, 2}
     np.testing.assert_array_equal(labels == 1, first)
     np.testing.assert_array_equal(labels == 2, second)
+
+    # The COCO JSON beside it: each object's whole mask as RLE, read back with pycocotools.
+    from pycocotools.coco import COCO
+
+    with page.expect_download() as download:
+        page.click("#coco")
+    path = tmp_path / "annotations.json"
+    download.value.save_as(path)
+    coco = COCO(str(path))
+    assert [im["file_name"] for im in coco.loadImgs(coco.getImgIds())] == ["example.png"]
+    whole = [coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds())]
+    assert len(whole) == 2
+    np.testing.assert_array_equal(whole[0] & ~whole[1], first)
+    np.testing.assert_array_equal(whole[1], second)
 
     if os.environ.get("SKIPCLICK_APP_SCREENSHOT"):
         ui.click(*_deepest(red & ~second), positive=True)

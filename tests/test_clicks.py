@@ -1,4 +1,4 @@
-"""The JAX click rules against a NumPy re-statement of the original clickers (spec §5.3, §4.6)."""
+"""The JAX click rules against a NumPy re-statement of the original clickers (docs/design/evaluation.md#clicker, docs/design/training.md#click-simulation)."""
 
 import jax
 import jax.numpy as jnp

@@ -27,7 +27,7 @@ from skipclick_jax import checkpoint  # noqa: E402
 from skipclick_jax.config_lib import model_config, tiny_model_config  # noqa: E402
 
 LOSS_MODULE = "isegm.model.modeling.transformer_helper.cross_entropy_loss"
-SPEC_KEYS = pathlib.Path(__file__).parent / "fixtures" / "skipclick_full_keys.txt"  # spec §2.2
+SPEC_KEYS = pathlib.Path(__file__).parent / "fixtures" / "skipclick_full_keys.txt"  # docs/design/formats.md#released-pth-files
 
 
 def tiny(**changes):

@@ -150,7 +150,7 @@ def test_synthetic_eval_is_one_sample_per_object(data_dir):
 
 
 def test_eval_names_are_the_evaluation_scripts():
-    assert len(EVAL_DATASETS) == 17 and "HQSeg44k" in EVAL_DATASETS and "WSESeg_yt_sports" in EVAL_DATASETS
+    assert len(EVAL_DATASETS) == 19 and EVAL_DATASETS[-2:] == ("COCO", "ImageMasks") and "HQSeg44k" in EVAL_DATASETS and "WSESeg_yt_sports" in EVAL_DATASETS
 
 
 def test_cache_is_keyed_by_root(roots, data_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""DINOv3 backbone parity with timm 1.0.31's `vit_base_patch16_dinov3_qkvb` (dinov3.md §3-4).
+"""DINOv3 backbone parity with timm 1.0.31's `vit_base_patch16_dinov3_qkvb` (docs/parity.md#dinov3).
 
 The weights are a randomised hub-layout state dict (`torch_reference.randomize_` on the reference
 `Dinov3`: LayerScale gammas U(0.1, 0.5), norms 1 ± 0.1, biases N(0, 0.1²) including a nonzero k
@@ -27,7 +27,7 @@ from skipclick_jax.weights.importer import backbone_params  # noqa: E402
 
 TOL = 1e-5
 TAPS = [2, 5, 8, 11]
-# dinov3.md §2: 100^(2j/32), j = 0..15, rounded to bfloat16 (as the released files store them).
+# docs/design/model.md#dinov3-backbone: 100^(2j/32), j = 0..15, rounded to bfloat16 (as the released files store them).
 BF16_PERIODS = [1, 1.3359375, 1.78125, 2.375, 3.15625, 4.21875, 5.625, 7.5, 10, 13.3125, 17.75,
                 23.75, 31.625, 42.25, 56.25, 75]
 
@@ -120,7 +120,7 @@ def test_vitb_every_stage_matches_timm(vitb, size):
 
 
 def test_parity_detects_the_known_traps(vitb):
-    """Each trap of dinov3.md §4 moves the taps beyond the tolerance with these weights: an
+    """Each trap of docs/parity.md#dinov3 moves the taps beyond the tolerance with these weights: an
     unmasked k bias (> 1e-2), fp32 (unrounded) periods (> 1e-4), DINOv2's LN eps 1e-6 (> 1e-5)."""
     from flax import nnx
 

@@ -91,19 +91,19 @@ def test_loss_forward_runs_the_backbone_in_training_mode():
 
 
 def test_train_py_trains_test_tiny_dinov3(tmp_path):
-    """train.py's train_and_evaluate on configs/test_tiny_dinov3.py (crop 112) for 3 steps on the
-    Synthetic data, then the NoC evaluation; the run directory loads back as a DINOv3 model whose
-    frozen backbone (parameters and buffers) is the initial one."""
+    """train_and_evaluate (skipclick_jax.train.trainer, train.py's trainer) on
+    configs/test_tiny_dinov3.py (crop 112) for 3 steps on the Synthetic data, then the NoC
+    evaluation; the run directory loads back as a DINOv3 model whose frozen backbone (parameters
+    and buffers) is the initial one."""
     script = textwrap.dedent(f"""
-        import importlib.util, json, pathlib, sys
+        import json, pathlib, sys
         import jax, numpy as np
         from flax import nnx
         sys.path.insert(0, {str(ROOT)!r})
         import skipclick_jax
         from skipclick_jax import config_lib
         from skipclick_jax.model import build_model
-        spec = importlib.util.spec_from_file_location("train", {str(ROOT / "train.py")!r})
-        train = importlib.util.module_from_spec(spec); spec.loader.exec_module(train)
+        from skipclick_jax.train import trainer as train
         out = pathlib.Path({str(tmp_path)!r})
         cfg = config_lib.load_config_file({str(ROOT / "configs" / "test_tiny_dinov3.py")!r})
         synthetic = config_lib.load_config_file({str(ROOT / "configs" / "tiny_synthetic.py")!r})

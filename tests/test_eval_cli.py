@@ -1,19 +1,18 @@
-"""`evaluate` report files and the `eval.py` command line."""
+"""`evaluate` report files and the `eval.py` command line (`skipclick_jax.evaluation.cli`)."""
 
-import importlib
 import json
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
-from skipclick_jax import metrics
+from skipclick_jax import config_lib, metrics
+from skipclick_jax.evaluation import cli as eval_cli
 from skipclick_jax.evaluation.defaults import eval_defaults, size_for
 from skipclick_jax.evaluation.engine import run_samples
 from skipclick_jax.evaluation.evaluate import evaluate
 from tests.test_eval_engine import FLIP, PREDICTOR, SIZES, make_sample
-
-eval_cli = importlib.import_module("eval")
 
 
 def flip_config():
@@ -38,7 +37,7 @@ def test_evaluate_writes_the_report(tmp_path):
     assert [(r["height"], r["width"]) for r in records] == SIZES
     all_ious = [metrics.ious_from_counts(e["inter"], e["union"]) for e in expected]
     assert [r["ious"] for r in records] == [list(x) for x in all_ious]
-    # NoC/NoF/mIoU restated here (spec §5.4), not with the metrics functions the report uses
+    # NoC/NoF/mIoU restated here (docs/design/evaluation.md#metrics), not with the metrics functions the report uses
     m = FLIP.max_clicks
     noc = [[next((k + 1 for k, v in enumerate(ious) if v >= t), m) for ious in all_ious]
            for t in metrics.NOC_THRESHOLDS]
@@ -62,14 +61,14 @@ def test_command_line_parsing_and_overrides():
         ["--checkpoint", "ck", "--dataset", "GrabCut=/d/gc", "--dataset", "DAVIS=/d/davis", "--out", "o",
          "--no-flip", "--size", "224", "--config.eval.batch_size=16", "--config.eval.sizes.DAVIS=448"])
     assert datasets == {"GrabCut": "/d/gc", "DAVIS": "/d/davis"} and args.no_flip and args.size == 224
-    cfg = eval_cli.ml_collections.ConfigDict({"eval": eval_defaults()})
+    cfg = ml_collections.ConfigDict({"eval": eval_defaults()})
     for key, value in overrides:
-        eval_cli._override(cfg, key, value)
+        config_lib.override(cfg, key, value)
     assert cfg.eval.batch_size == 16 and size_for(cfg.eval, "DAVIS") == 448
-    eval_cli._override(cfg, "eval.flip", "false")
+    config_lib.override(cfg, "eval.flip", "false")
     assert cfg.eval.flip is False
     with pytest.raises(KeyError, match="unknown field"):
-        eval_cli._override(cfg, "eval.nope", "1")
+        config_lib.override(cfg, "eval.nope", "1")
     with pytest.raises(SystemExit):
         eval_cli._parse(["--checkpoint", "c", "--dataset", "GrabCut", "--out", "o"])
 

@@ -65,7 +65,7 @@ def make_sample(rng, h, w, i):
 
 
 def reference_clicker_click(gt, pred, not_clicked):
-    """spec §5.3 re-stated with scipy's EDT on the zero-padded masks."""
+    """docs/design/evaluation.md#clicker re-stated with scipy's EDT on the zero-padded masks."""
     def dt(mask):
         return ndimage.distance_transform_edt(np.pad(mask, 1)).astype(np.float32)[1:-1, 1:-1] * not_clicked
 

@@ -1,4 +1,4 @@
-"""The normalised focal loss against a transcription of RITM's PyTorch code (spec §4.7)."""
+"""The normalised focal loss against a transcription of RITM's PyTorch code (docs/design/training.md#loss)."""
 
 import numpy as np
 import jax

@@ -1,4 +1,4 @@
-"""NoC / NoF / mIoU / IoU against hand-computed values (spec §5.4)."""
+"""NoC / NoF / mIoU / IoU against hand-computed values (docs/design/evaluation.md#metrics)."""
 
 import numpy as np
 

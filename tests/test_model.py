@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# spec §2.2 / §2.3: totals and per-module counts of the original PyTorch models.
+# docs/design/model.md#parameter-counts: totals and per-module counts of the original PyTorch models.
 EXPECTED_TOTALS = {
     "skipclick.py": 153_164_417,
     "baseline.py": 126_589_505,
@@ -83,13 +83,13 @@ def test_every_config_parameter_count(name):
     counts = param_counts(_abstract(cfg.model))
     assert counts["total"] == EXPECTED_TOTALS[name]
     if "baseline" in name or "frozen" in name or "intermediate" in name:
-        assert counts["neck"] == 9_475_008  # spec §2.2: neck without skips
+        assert counts["neck"] == 9_475_008  # docs/design/model.md#parameter-counts: neck without skips
 
 
 @pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))))
 def test_every_config_file_builds(name):
     """Every config in configs/ (each argument too) loads, has the four sections and builds its
-    model (abstractly) with the spec's parameter count."""
+    model (abstractly) with the original's parameter count (docs/design/model.md#parameter-counts)."""
     path = os.path.join(ROOT, "configs", name)
     with open(path) as f:
         source = f.read()
@@ -170,7 +170,7 @@ def test_empty_click_slots_change_nothing(tiny_model):
 
 
 def _reference_disks(points, h, w, r=5.0):
-    """NumPy restatement of DistMaps (spec §1.3.2): float64 offsets stored as float32."""
+    """NumPy restatement of DistMaps (docs/design/model.md#click-maps): float64 offsets stored as float32."""
     out = np.zeros((points.shape[0], h, w, 2), np.float32)
     p = points.shape[1] // 2
     ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")

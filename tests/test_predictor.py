@@ -1,4 +1,4 @@
-"""The interactive Predictor (spec §5.5): mapping, feedback of the previous probability, undo."""
+"""The interactive Predictor (docs/design/evaluation.md#quick-response-split): mapping, feedback of the previous probability, undo."""
 
 import jax
 import jax.numpy as jnp

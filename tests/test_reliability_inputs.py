@@ -262,7 +262,7 @@ def test_implausible_total_and_non_storage_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- eval.py arguments
 def test_eval_refuses_existing_results_and_repeated_datasets(tmp_path):
-    import eval as eval_cli
+    from skipclick_jax.evaluation import cli as eval_cli
 
     out = tmp_path / "out"
     out.mkdir()
@@ -284,4 +284,4 @@ def test_eval_refuses_existing_results_and_repeated_datasets(tmp_path):
     assert args.config == "configs/frozen.py:paper" and overrides == [("eval.max_clicks", "2")]
     cfg = config_lib.base_config(config_lib.tiny_model_config())
     with pytest.raises(ValueError, match=r"--config.eval.max_clicks=two: not a valid int"):
-        eval_cli._override(cfg, "eval.max_clicks", "two")
+        config_lib.override(cfg, "eval.max_clicks", "two")

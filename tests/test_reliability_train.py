@@ -66,13 +66,8 @@ def _outcome(fn) -> str | None:
 
 
 def _run_child(out: pathlib.Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    import eval as eval_cli
-    from skipclick_jax.train import checkpointing
+    from skipclick_jax.evaluation import cli as eval_cli
+    from skipclick_jax.train import checkpointing, trainer as train
 
     logging.basicConfig(level=logging.WARNING)
     cfg = small_config(str(out / "tfds"))

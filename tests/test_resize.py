@@ -1,4 +1,4 @@
-"""Resampling kernels against the formulas of spec Appendix A and against PyTorch itself."""
+"""Resampling kernels against the formulas of docs/design/model.md#resampling and against PyTorch itself."""
 
 import functools
 
@@ -21,7 +21,7 @@ def _keys(x, a):
 
 
 def _matrix_spec(kind, n_in, n_out):
-    """Float64 weight matrices written straight from spec Appendix A."""
+    """Float64 weight matrices written straight from docs/design/model.md#resampling."""
     w = np.zeros((n_out, n_in))
     for i in range(n_out):
         if kind in ("ac", "lin"):

@@ -41,17 +41,13 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
 
 
 def _run_child(out: pathlib.Path) -> None:
-    import importlib.util
-
     import jax
     from flax import nnx
 
     from skipclick_jax import checkpoint, config_lib
+    from skipclick_jax.train import trainer as train
     from skipclick_jax.train.state import pick
 
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
     logging.basicConfig(level=logging.WARNING)
     cfg = small_config(str(out / "tfds"))
     report = {}

@@ -1,4 +1,4 @@
-"""Training data: augmentation (spec §4.3), click sampler (§4.4), grain pipeline (§4.2, 4.5)."""
+"""Training data: augmentation, click sampler, grain pipeline (docs/design/training.md)."""
 
 import cv2
 import jax
@@ -193,7 +193,7 @@ def test_sampler_points_in_bounds_and_regions():
 
 
 def test_sampler_count_distributions():
-    """P(n_pos = k) ∝ 0.8^(k-1), k = 1..24 and P(n_neg = k) ∝ 0.8^k, k = 0..24 (spec §4.4)."""
+    """P(n_pos = k) ∝ 0.8^(k-1), k = 1..24 and P(n_neg = k) ∝ 0.8^k, k = 0..24 (docs/design/training.md#multipointsampler)."""
     layers = np.zeros((32, 32, 1), np.uint8)
     layers[8:24, 8:24, 0] = 1
     sampler = MultiPointSampler()

@@ -1,4 +1,4 @@
-"""Training augmentation and object filtering (spec §4.3).
+"""Training augmentation and object filtering (docs/design/training.md#augmentation).
 
 The geometric and photometric chain is RITM's albumentations `Compose`, re-implemented with
 cv2/NumPy so that uint8 results match albumentations for the same random parameters:
@@ -109,7 +109,7 @@ def drop_objects(objects: np.ndarray, parents: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class Augmenter:
-    """Spec §4.3 augmentation with RITM's keep-background retry loop and small-object filter.
+    """The augmentation of docs/design/training.md#augmentation, with RITM's keep-background retry loop and small-object filter.
 
     Attributes:
       crop_size: S, the output side (448 for SkipClick).
@@ -167,11 +167,16 @@ class Augmenter:
 
     def __call__(self, image: np.ndarray, layers: np.ndarray, objects: np.ndarray,
                  parents: np.ndarray, rng: np.random.Generator):
+        """`augment` without ignore regions: (image, layers, objects, parents)."""
+        return self.augment(image, layers, objects, parents, rng)[:4]
+
+    def augment(self, image: np.ndarray, layers: np.ndarray, objects: np.ndarray,
+                parents: np.ndarray, rng: np.random.Generator, ignore: np.ndarray | None = None):
         """Augment a sample and filter its objects.
 
         Repeats `transform` from the original until an object keeps >= 1 px, or, with probability
         keep_background_prob, accepts an object-less result; only then drops objects below
-        min_object_area (so background-only samples also arise from tiny objects, spec §8.19).
+        min_object_area (so background-only samples also arise from tiny objects, docs/design/training.md#augmentation).
         Layer labels not owned by an input object are zeroed (this is how unselected stuff
         regions leave the layers); dropped objects stay in the layers.
 
@@ -181,10 +186,12 @@ class Augmenter:
           objects: int32 [K, 2] rows (layer_idx, local_id).
           parents: int32 [K], -1 for roots, else the parent's row in objects.
           rng: source of all randomness.
+          ignore: optional bool [H, W] ignore regions, moved with the layers (same random draws
+            as without it).
 
         Returns:
           (image uint8 [S, S, 3], layers uint8 [S, S, L], objects int32 [K', 2],
-          parents int32 [K']).
+          parents int32 [K'], ignore bool [S, S] or None).
         """
         objects = np.asarray(objects, np.int32).reshape(-1, 2)
         parents = np.asarray(parents, np.int32).reshape(-1)
@@ -194,8 +201,17 @@ class Augmenter:
         if parents.shape[0] != objects.shape[0]:
             raise ValueError(f'parents must have one entry per object ({objects.shape[0]}), '
                              f'got {parents.shape[0]}')
+        num_layers = layers.shape[2]
+        if ignore is not None:
+            if ignore.shape != image.shape[:2]:
+                raise ValueError(f'ignore must be [H, W] matching image {image.shape}, got {ignore.shape}')
+            layers = np.concatenate([layers, ignore.astype(np.uint8)[:, :, None]], axis=2)
         while True:
             aug_image, aug_layers = self.transform(image, layers, rng)
+            aug_ignore = None
+            if ignore is not None:
+                aug_ignore = aug_layers[:, :, num_layers].astype(bool)
+                aug_layers = np.ascontiguousarray(aug_layers[:, :, :num_layers])
             hist, areas = object_areas(aug_layers, objects)
             visible = areas >= 1
             if visible.any() or rng.random() < self.keep_background_prob:
@@ -204,4 +220,4 @@ class Augmenter:
         kept, kept_parents = drop_objects(objects, parents, visible)
         large = areas[visible] >= self.min_object_area
         kept, kept_parents = drop_objects(kept, kept_parents, large)
-        return aug_image, aug_layers, kept, kept_parents
+        return aug_image, aug_layers, kept, kept_parents, aug_ignore

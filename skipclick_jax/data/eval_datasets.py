@@ -1,4 +1,4 @@
-"""Evaluation datasets (spec §5.1, §6): one record per evaluated instance, in the original's order.
+"""Evaluation datasets (docs/design/evaluation.md#datasets, docs/design/formats.md#dataset-layouts): one record per evaluated instance, in the original's order.
 
 `load_eval_dataset(name, root)` builds the TFDS eval records from the original folder on first
 use (cached per resolved root and fingerprint of its files) and returns a grain `MapDataset` of decoded samples.
@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import grain
 import numpy as np
 from PIL import Image
 
 from skipclick_jax.data import builders
+from skipclick_jax.data import custom_datasets as cd
 from skipclick_jax.data import folder_datasets as fd
 from skipclick_jax.data.synthetic import SyntheticConfig, png_bytes, synthetic_sample
 
@@ -27,7 +28,7 @@ WSESEG_CLASSES = (
 )
 EVAL_DATASETS = (
     "GrabCut", "Berkeley", "DAVIS", "SBD", "HQSeg44k", "SHSeg",
-    *(f"WSESeg_{c}" for c in WSESEG_CLASSES), "Synthetic",
+    *(f"WSESeg_{c}" for c in WSESEG_CLASSES), "Synthetic", *cd.CUSTOM_DATASETS,
 )
 
 
@@ -37,15 +38,19 @@ def load_eval_dataset(
     data_dir: str | os.PathLike | None = None,
     *,
     synthetic: SyntheticConfig | None = None,
+    options: Mapping | cd.CustomOptions | None = None,
 ) -> grain.MapDataset:
     """The evaluation samples of dataset `name` in dataset order.
 
     Args:
       name: one of `EVAL_DATASETS`.
-      root: the dataset's original folder (spec §6); for WSESeg_* the WSESeg root holding the
+      root: the dataset's original folder (docs/design/formats.md#dataset-layouts); for WSESeg_* the WSESeg root holding the
         class folders. Unused for 'Synthetic' (its val split, one sample per object, is made by
-        `synthetic`, default `SyntheticConfig()`).
+        `synthetic`, default `SyntheticConfig()`). 'COCO': an instances JSON; 'ImageMasks': a
+        folder (`custom_datasets`), one sample per object, ignore regions as -1.
       data_dir: TFDS cache folder, default `~/.cache/skipclick_jax/tfds`.
+      options: for COCO / ImageMasks, a `CustomOptions` or the `data` config section it is read
+        from (mask_mode, ignore_value, categories, min_annotation_area).
 
     Returns:
       A `grain.MapDataset` (len, integer indexing, iteration) of {'id': str, 'image': uint8
@@ -57,6 +62,12 @@ def load_eval_dataset(
         cfg = synthetic or SyntheticConfig()
         examples = functools.partial(_synthetic, cfg)
         config = builders.config_name(name, "val", cfg)
+    elif name in cd.CUSTOM_DATASETS:
+        path = builders.resolve_root(root, name)
+        cd.require_root(name, path)
+        opts = options if isinstance(options, cd.CustomOptions) else cd.CustomOptions.from_config(options)
+        examples = functools.partial(cd.eval_examples, name, path, opts)
+        config = builders.config_name(name, "val", *cd.cache_key(name, path, opts))
     else:
         path = builders.resolve_root(root, name)
         examples = functools.partial(fd.folder_examples, _FOLDER_EXAMPLES[name], path, name)

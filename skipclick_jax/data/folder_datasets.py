@@ -1,4 +1,4 @@
-"""Reading the original datasets' on-disk layouts (spec §6): file pairing, decoding, checks.
+"""Reading the original datasets' on-disk layouts (docs/design/formats.md#dataset-layouts): file pairing, decoding, checks.
 
 Every failure raises with the dataset name, the file or folder at fault and the expected layout.
 """

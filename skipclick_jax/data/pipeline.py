@@ -1,4 +1,4 @@
-"""grain training pipeline: random record choice, augmentation, click sampling (spec §4.2-4.5).
+"""grain training pipeline: random record choice, augmentation, click sampling (docs/design/training.md#data).
 
 As in RITM's `ISDataset` with `epoch_len > 0`, a sample ignores its position and draws a record
 uniformly with replacement. Here every random choice of global sample `i` (record, stuff,
@@ -10,6 +10,9 @@ global batch.
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
+import time
 from typing import Any
 
 import grain
@@ -25,7 +28,8 @@ from skipclick_jax.data.points_sampler import MultiPointSampler, select_stuff
 class TrainSample:
     """Maps a global sample index to a training example (picklable).
 
-    Returns {'image': uint8 [S, S, 3], 'points': float32 [2N, 3], 'gt': float32 [S, S]}.
+    Returns {'image': uint8 [S, S, 3], 'points': float32 [2N, 3], 'gt': float32 [S, S]}; gt is
+    -1 on a record's ignore regions (its optional 'ignore' bool [H, W]) outside the target.
     """
 
     source: Any
@@ -39,9 +43,11 @@ class TrainSample:
         record = self.source[int(rng.integers(len(self.source)))]
         objects, parents = select_stuff(record['objects'], record['parents'],
                                         record['num_instance_masks'], self.stuff_prob, rng)
-        image, layers, objects, parents = self.augmenter(
-            record['image'], record['layers'], objects, parents, rng)
+        image, layers, objects, parents, ignore = self.augmenter.augment(
+            record['image'], record['layers'], objects, parents, rng, ignore=record.get('ignore'))
         points, gt = self.sampler(layers, objects, parents, rng)
+        if ignore is not None:
+            gt[ignore & (gt == 0)] = -1
         return {'image': image, 'points': points, 'gt': gt}
 
 
@@ -58,6 +64,45 @@ class _ShardSample:
     def __call__(self, position: int, _) -> dict[str, np.ndarray]:
         step, offset = divmod(position, self.batch_size)
         return self.sample((step * self.shard_count + self.shard_index) * self.batch_size + offset)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: signal 0 only tells existence
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def _watch_parent(main_pid: int, parent: int, poll_s: float) -> None:
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent or not _alive(main_pid):
+            os._exit(1)  # no cleanup to wait for: the process that reads our output is gone
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitWithParent:
+    """grain `worker_init_fn`: the worker ends within `poll_s` of the training process (`main_pid`)
+    or its own parent ending, whatever ends it (SIGKILL and SIGTERM run no cleanup in the parent,
+    and grain's workers would otherwise live on, holding the resource tracker alive too; that
+    exits by itself once every process holding its pipe is gone). A daemon thread polls
+    getppid() and /proc/<main_pid>: no signal handler or thread semantics of PR_SET_PDEATHSIG
+    (which fires when the creating *thread* ends) are involved."""
+
+    main_pid: int
+    poll_s: float = 0.5
+
+    def __call__(self, worker_index: int, worker_count: int) -> None:
+        threading.Thread(target=_watch_parent, args=(self.main_pid, os.getppid(), self.poll_s),
+                         daemon=True, name="exit-with-parent").start()
 
 
 def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_workers: int = 0,
@@ -81,8 +126,8 @@ def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_wor
       num_workers: grain worker processes (0 = in-process).
       epoch_len: samples per epoch before dropping the remainder.
       num_epochs: epochs to yield; None repeats forever.
-      min_object_area, keep_background_prob, stuff_prob: spec §4.2-4.3.
-      sampler: the click sampler (spec §4.4 defaults).
+      min_object_area, keep_background_prob, stuff_prob: docs/design/training.md#data.
+      sampler: the click sampler (docs/design/training.md#multipointsampler defaults).
       shard_index, shard_count: this process's slice of each global batch, normally
         jax.process_index() and jax.process_count() (see `make_global_batch`).
       read_options: in-process reading threads/buffer; default 1 thread, 2 batches buffered.
@@ -117,7 +162,8 @@ def train_dataset(source, *, crop_size: int, batch_size: int, seed: int, num_wor
         # hooks); outside absl.app nothing parses flags, so accept their defaults.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                            worker_init_fn=ExitWithParent(os.getpid()))
     return ds
 
 

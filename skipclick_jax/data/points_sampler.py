@@ -1,4 +1,4 @@
-"""RITM's MultiPointSampler with SkipClick's arguments (spec §4.4) and stuff handling (§4.2).
+"""RITM's MultiPointSampler with SkipClick's arguments and stuff handling (docs/design/training.md#multipointsampler, #data).
 
 Objects are rows (layer_idx, local_id) of an int32 [K, 2] table with parents int32 [K] (-1 = root):
 object k's mask is `layers[..., objects[k, 0]] == objects[k, 1]`. Points are float32 [2N, 3] rows

@@ -1,4 +1,4 @@
-"""Tiny fixture folders in each dataset's real on-disk layout (spec §6), for tests.
+"""Tiny fixture folders in each dataset's real on-disk layout (docs/design/formats.md#dataset-layouts), for tests.
 
 Every `write_*(root)` creates `root` (and parents), writes 1-3 small images (H=40, W=60 unless
 stated) with masks in the real file formats, and returns `root` as a `pathlib.Path`. The

@@ -1,4 +1,4 @@
-"""Training datasets (spec §4.2, §6): one record per image with all its object masks.
+"""Training datasets (docs/design/training.md#data, docs/design/formats.md#dataset-layouts): one record per image with all its object masks.
 
 `load_train_source(name, root, split)` builds the TFDS train records from the original folder on
 first use (cached per resolved root, fingerprint of its files and split) and returns a picklable random-access source of
@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import cv2
 import numpy as np
 
 from skipclick_jax.data import builders
+from skipclick_jax.data import custom_datasets as cd
 from skipclick_jax.data import folder_datasets as fd
 from skipclick_jax.data.synthetic import SyntheticConfig, png_bytes, synthetic_sample
 
@@ -25,7 +26,7 @@ TRAIN_SPLITS = ("train", "val")
 SBD_BUGGY_MASK_THRESH = 0.08
 
 COCO_LVIS = "COCO+LVIS"
-TRAIN_DATASETS = (COCO_LVIS, "SBD", "HQSeg44k", "Synthetic")
+TRAIN_DATASETS = (COCO_LVIS, "SBD", "HQSeg44k", "Synthetic", *cd.CUSTOM_DATASETS)
 COCO_LVIS_LAYOUT = (
     "<root>/<split>/hannotation.pickle, <root>/<split>/images/<image_id>.jpg and "
     "<root>/<split>/masks/<image_id>.pickle"
@@ -36,7 +37,8 @@ class TrainSource:
     """Random-access decoded train samples; picklable (grain workers) and cheap to copy.
 
     `source[i]` -> {'id': str, 'image': uint8 [H,W,3] RGB, 'layers': uint8 [H,W,L],
-    'objects': int32 [K,2], 'parents': int32 [K], 'num_instance_masks': int}.
+    'objects': int32 [K,2], 'parents': int32 [K], 'num_instance_masks': int}, plus 'ignore'
+    bool [H,W] for COCO / ImageMasks images that have ignore regions.
     """
 
     def __init__(self, records, name: str):
@@ -60,18 +62,22 @@ def load_train_source(
     data_dir: str | os.PathLike | None = None,
     *,
     synthetic: SyntheticConfig | None = None,
+    options: Mapping | cd.CustomOptions | None = None,
 ) -> TrainSource:
     """The decoded training samples of dataset `name`, split `split`, in the original's order
     (COCO+LVIS: sorted image ids; SBD: `<split>.txt`; HQSeg-44k: sub-folders, then file names).
 
     Args:
-      name: one of `TRAIN_DATASETS`: 'COCO+LVIS' (RITM's combined layout, spec §6), 'SBD'
+      name: one of `TRAIN_DATASETS`: 'COCO+LVIS' (RITM's combined layout, docs/design/formats.md#dataset-layouts), 'SBD'
         (<root>/{img,inst}, <split>.txt; one object per instance), 'HQSeg44k' (its train
         sub-folders for 'train', the val ones for 'val'; one object, mask > 0) or 'Synthetic'.
       root: the dataset's original folder; unused for 'Synthetic', which `synthetic` (default
-        `SyntheticConfig()`) describes.
-      split: 'train' or 'val'.
+        `SyntheticConfig()`) describes. 'COCO' (root: an instances JSON) and 'ImageMasks'
+        (root: a folder) are the user's own data (`custom_datasets`); the root is one split.
+      split: 'train' or 'val' (not used by COCO / ImageMasks).
       data_dir: TFDS cache folder, default `~/.cache/skipclick_jax/tfds`.
+      options: for COCO / ImageMasks, a `CustomOptions` or the `data` config section it is read
+        from (mask_mode, ignore_value, categories, min_annotation_area).
     """
     if name not in TRAIN_DATASETS:
         raise ValueError(f"unknown train dataset {name!r}; expected one of {TRAIN_DATASETS}")
@@ -81,6 +87,14 @@ def load_train_source(
         cfg = synthetic or SyntheticConfig()
         examples = functools.partial(_synthetic, cfg, split)
         config = builders.config_name(name, split, cfg)
+    elif name in cd.CUSTOM_DATASETS:
+        path = builders.resolve_root(root, name)
+        cd.require_root(name, path)
+        opts = options if isinstance(options, cd.CustomOptions) else cd.CustomOptions.from_config(options)
+        examples = functools.partial(cd.train_examples, name, path, opts)
+        config = builders.config_name(name, "train", *cd.cache_key(name, path, opts))
+        source = builders.build_source("train_custom", config, "train", examples, data_dir)
+        return TrainSource(source, name)
     else:
         path = builders.resolve_root(root, name)
         examples = functools.partial(fd.folder_examples, _FOLDER_EXAMPLES[name], path, name, split)
@@ -92,9 +106,12 @@ def decode_train_record(record: dict) -> dict:
     """Stored train record -> decoded sample (see `TrainSource`)."""
     sample_id = record["id"].decode() if isinstance(record["id"], bytes) else record["id"]
     image = fd.decode_rgb(record["image"], sample_id)
-    layers = np.asarray(record["layers"], np.uint8)
+    if "layers_shape" in record:  # COCO / ImageMasks (builders.SkipclickTrainCustom)
+        layers = builders.unpack_array(record["layers"], record["layers_shape"], f"layers of {sample_id}")
+    else:
+        layers = np.asarray(record["layers"], np.uint8)
     fd.check_same_hw(layers.shape, image.shape, f"layers of {sample_id}", sample_id)
-    return {
+    sample = {
         "id": sample_id,
         "image": image,
         "layers": layers,
@@ -102,6 +119,10 @@ def decode_train_record(record: dict) -> dict:
         "parents": np.asarray(record["parents"], np.int32),
         "num_instance_masks": int(record["num_instance_masks"]),
     }
+    if "ignore" in record and len(record["ignore"]):
+        sample["ignore"] = builders.unpack_array(record["ignore"], layers.shape[:2],
+                                                 f"ignore of {sample_id}").view(bool)
+    return sample
 
 
 def _single_layer(sample_id: str, data: bytes, label: np.ndarray, ids) -> dict:

@@ -1,4 +1,4 @@
-"""Evaluation protocol settings (spec §5): the `eval` section of an experiment config."""
+"""Evaluation protocol settings (docs/design/evaluation.md): the `eval` section of an experiment config."""
 
 from __future__ import annotations
 

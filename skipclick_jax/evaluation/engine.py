@@ -1,4 +1,4 @@
-"""The NoC click loop under `jax.jit` (spec §5.2-5.4), batched over images of different sizes.
+"""The NoC click loop under `jax.jit` (docs/design/evaluation.md#protocol), batched over images of different sizes.
 
 Images are zero-padded at the bottom/right into shape buckets; each sample carries its real size
 (h, w), from which the validity mask and per-sample resize taps are made. Padding never changes a
@@ -507,8 +507,8 @@ class _Pool:
 def default_batch_size() -> int:
     """Slots per pool when none are asked for: 1 per device on CPU, 8 per device elsewhere.
 
-    On CPU a larger batch only adds cache misses (full SkipClick at 448: decode 905 ms per image at
-    batch 1, 1094 ms at batch 8), while accelerators need the batch to fill their cores.
+    On CPU a larger batch only adds cache misses (docs/performance.md#evaluation-engine),
+    while accelerators need the batch to fill their cores.
     """
     return jax.local_device_count() * (1 if jax.default_backend() == "cpu" else 8)
 

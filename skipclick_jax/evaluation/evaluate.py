@@ -12,6 +12,13 @@ Writes into `out`:
 With several processes (skipclick_jax.distributed) each process runs a contiguous share of every
 dataset on its own devices; the results are gathered in dataset order and process 0 alone writes
 the files. Every process returns the same summary.
+
+Unscorable instances: an instance whose ground truth has no object pixel (empty, or every pixel
+ignore, -1) has no IoU: the original's `get_iou` (intersection / union over non-ignored pixels)
+gives 0 once anything is predicted and NaN (0/0) otherwise, and one NaN makes its dataset means
+NaN. Such instances are skipped with a warning naming them: they are listed in clicks.json with
+`skipped` (the reason) and no ious, counted in the summary's `skipped` {count, ids}, and left out
+of every mean. All JSON is strict (no NaN or Infinity).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import os
 import pathlib
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,7 +83,7 @@ def evaluate(
         summary[name] = _evaluate_dataset(predictor, name, samples, protocol, cfg, out / name,
                                           progress and write, write)
     if write:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
         (out / "results.md").write_text(results_markdown(summary))
         if summary:
             plot_miou(summary, out / "miou_curve.png")
@@ -89,34 +97,67 @@ def _evaluate_dataset(predictor, name, samples, protocol, cfg, folder, progress,
     share, first, total = _share(samples)
     bar = tqdm(total=total, desc=f"{name} (S={protocol.size})", unit="inst", disable=not progress)
     start = time.perf_counter()
-    results = run_samples(predictor, share, protocol, batch_size=int(cfg.batch_size) or None,
-                          bucket=int(cfg.bucket), keep_masks=max(0, n_overlays - first), on_done=bar.update)
+    areas = []
+    results = run_samples(predictor, _record_gt(share, areas), protocol,
+                          batch_size=int(cfg.batch_size) or None, bucket=int(cfg.bucket),
+                          keep_masks=max(0, n_overlays - first), on_done=bar.update)
+    for r, area in zip(results, areas, strict=True):
+        reason = unscorable(*area)
+        if reason:
+            r["skipped"] = reason
     if share is not samples:
         results = [r for part in distributed.allgather_objects(results) for r in part]
     seconds = time.perf_counter() - start
     bar.close()
-    all_ious = [metrics.ious_from_counts(r["inter"], r["union"]) for r in results]
-    clicks = sum(len(r["clicks"]) for r in results)
-    noc, nof = metrics.noc(all_ious, metrics.NOC_THRESHOLDS, protocol.max_clicks)
+    skipped = [r for r in results if "skipped" in r]
+    if skipped:
+        warnings.warn(f"{name}: {len(skipped)} instance(s) skipped, their ground truth has no object "
+                      f"pixel ({', '.join(str(r['id']) for r in skipped[:10])}"
+                      f"{', ...' if len(skipped) > 10 else ''}): not scored", stacklevel=2)
+    scored = [r for r in results if "skipped" not in r]
+    all_ious = [metrics.ious_from_counts(r["inter"], r["union"]) for r in scored]
+    clicks = sum(len(r["clicks"]) for r in scored)
+    noc, nof = metrics.noc(all_ious, metrics.NOC_THRESHOLDS, protocol.max_clicks) if scored else (
+        [None] * len(THRESHOLD_KEYS), [0] * len(THRESHOLD_KEYS))
+    ious_of = {id(r): ious for r, ious in zip(scored, all_ious)}
     records = [dict(id=r["id"], height=int(r["height"]), width=int(r["width"]), clicks=r["clicks"],
-                    ious=[float(x) for x in ious]) for r, ious in zip(results, all_ious)]
+                    ious=[float(x) for x in ious_of.get(id(r), [])],
+                    **({"skipped": r["skipped"]} if "skipped" in r else {})) for r in results]
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "clicks.json").write_text(json.dumps(records))
+        (folder / "clicks.json").write_text(json.dumps(records, allow_nan=False))
         if n_overlays:
             _write_overlays(samples, results[:n_overlays], folder / "overlays")
     return dict(
-        noc=dict(zip(THRESHOLD_KEYS, map(float, noc))),
+        noc=dict(zip(THRESHOLD_KEYS, (None if x is None else float(x) for x in noc))),
         nof=dict(zip(THRESHOLD_KEYS, map(int, nof))),
-        miou=[float(x) for x in metrics.miou_curve(all_ious, protocol.max_clicks)] if results else [],
-        instances=len(results),
+        miou=[float(x) for x in metrics.miou_curve(all_ious, protocol.max_clicks)] if scored else [],
+        instances=len(scored),
+        skipped=dict(count=len(skipped), ids=[str(r["id"]) for r in skipped[:100]]),
         clicks=clicks,
         seconds=seconds,
-        clicks_per_second=clicks / seconds if seconds > 0 else float("nan"),
+        clicks_per_second=clicks / seconds if seconds > 0 else 0.0,
         size=protocol.size,
         flip=protocol.flip,
         target_iou=protocol.target_iou,
     )
+
+
+def unscorable(object_pixels: int, valid_pixels: int) -> str | None:
+    """Why an instance has no IoU (None if it has one): see the module docstring."""
+    if valid_pixels == 0:
+        return "every ground-truth pixel is ignore (-1): no object to segment"
+    if object_pixels == 0:
+        return "the ground truth is empty: no object pixel"
+    return None
+
+
+def _record_gt(samples, areas: list):
+    """Passes `samples` through, appending (object pixels, non-ignored pixels) of each gt."""
+    for sample in samples:
+        gt = np.asarray(sample["gt"]) if isinstance(sample, Mapping) and "gt" in sample else None
+        areas.append((-1, -1) if gt is None else (int((gt == 1).sum()), int((gt != -1).sum())))
+        yield sample
 
 
 def _share(samples) -> tuple[Any, int, int | None]:
@@ -161,7 +202,8 @@ def results_markdown(summary: Mapping[str, dict]) -> str:
 
     def row(name, s):
         miou = s["miou"]
-        return line([name, str(s["instances"]), *(f"{s['noc'][k]:.2f}" for k in THRESHOLD_KEYS),
+        return line([name, str(s["instances"]),
+                     *("-" if s["noc"][k] is None else f"{s['noc'][k]:.2f}" for k in THRESHOLD_KEYS),
                      *(str(s["nof"][k]) for k in THRESHOLD_KEYS[1:]),
                      *(f"{miou[k - 1]:.4f}" if len(miou) >= k else "-" for k in (1, 5)),
                      f"{s['clicks_per_second']:.1f}"])
@@ -170,7 +212,8 @@ def results_markdown(summary: Mapping[str, dict]) -> str:
     lines += [row(name, s) for name, s in summary.items()]
     wse = [s for name, s in summary.items() if name.startswith("WSESeg_")]
     if len(wse) > 1:
-        avg = [f"{np.mean([s['noc'][k] for s in wse]):.3f}" for k in THRESHOLD_KEYS]
+        avg = [f"{np.mean(v):.3f}" if (v := [s["noc"][k] for s in wse if s["noc"][k] is not None])
+               else "-" for k in THRESHOLD_KEYS]
         cells = [f"Avg. WSESeg ({len(wse)} classes)", str(sum(s["instances"] for s in wse)), *avg]
         lines.append(line(cells + [""] * (len(columns) - len(cells))))
     return "\n".join(lines) + "\n"

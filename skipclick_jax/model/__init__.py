@@ -1,4 +1,4 @@
-"""The SkipClick model in Flax NNX (spec §1)."""
+"""The SkipClick model in Flax NNX (docs/design/model.md)."""
 
 from skipclick_jax.model.api import decode_fn, encode_fn, param_counts
 from skipclick_jax.model.skipclick import (

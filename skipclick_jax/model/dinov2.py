@@ -1,4 +1,4 @@
-"""DINOv2 ViT with registers and LayerScale (torch.hub `dinov2_vit*14_reg`, spec §1.4).
+"""DINOv2 ViT with registers and LayerScale (torch.hub `dinov2_vit*14_reg`, docs/design/model.md#dinov2-backbone).
 
 Returns the residual stream after the configured blocks (before the final norm) with the cls and
 register tokens dropped. Parameter names equal the hub checkpoint's keys.

@@ -1,4 +1,4 @@
-"""DINOv3 ViT (torch.hub `dinov3_vit*16`, spec dinov3.md §2).
+"""DINOv3 ViT (torch.hub `dinov3_vit*16`, docs/design/model.md#dinov3-backbone).
 
 Returns the outputs of the configured blocks passed through the final norm (LayerNorm eps 1e-5),
 patch tokens only, as the original's `get_intermediate_layers(x, n=taps)` (norm=True) does. No
@@ -32,7 +32,7 @@ class Buffer(nnx.Variable):
 
 def default_periods(head_dim: int, base: float) -> np.ndarray:
     """[head_dim/4] float32: base^(2j / (head_dim/2)), rounded to bfloat16 as the released
-    checkpoints store them (spec dinov3.md §2 'bf16 periods')."""
+    checkpoints store them (docs/design/model.md#dinov3-backbone)."""
     j = np.arange(head_dim // 4, dtype=np.float32)
     periods = np.float32(base) ** (np.float32(2) * j / np.float32(head_dim // 2))
     return periods.astype(ml_dtypes.bfloat16).astype(np.float32)

@@ -1,6 +1,6 @@
 """Layers shared by the SkipClick modules (NHWC; parameter names mirror PyTorch's).
 
-Initialisers follow PyTorch's defaults (spec §3) so a model trained from scratch around a
+Initialisers follow PyTorch's defaults (docs/design/model.md#initialisation) so a model trained from scratch around a
 pretrained backbone starts where the original does.
 
 Precision: parameters are always float32. `Linear`, `Conv`, `ConvTranspose` and `Attention` have
@@ -206,8 +206,8 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     softmax in float32, probabilities in the input dtype; equal within 1e-6 in float32, see
     tests), for XLA:CPU: there the library's einsums (value as the left operand, under a vmap)
     make XLA transpose the [B, heads, N, N] probabilities in memory and split the attention in
-    two kernels; with heads-first operands it compiles to one fused kernel, 2.2-2.4x faster per
-    ViT-B block at 1029 tokens on jax 0.10 and 0.12 (bench/model_speed.py prints both).
+    two kernels; with heads-first operands it compiles to one fused kernel, faster per
+    ViT-B block (docs/performance.md#quick-response; bench/model_speed.py prints both).
     """
     qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)

@@ -1,4 +1,4 @@
-"""SkipClick (spec §1): frozen DINOv2 taps -> fuse -> + click embedding -> EncoderStack ->
+"""SkipClick (docs/design/model.md): frozen DINOv2 taps -> fuse -> + click embedding -> EncoderStack ->
 SimpleFPN with skip connections -> SegFormer head -> bilinear (align_corners=True) to the image.
 
 The quick-response split: `encode_image` runs everything that depends only on the image (DINOv2,
@@ -50,7 +50,7 @@ def check_remat(mode: str, policy: str) -> None:
 # ----------------------------------------------------------------------------- clicks
 def disk_maps(points: jax.Array, height: int, width: int, radius: float,
               point_denom: jax.Array | None = None) -> jax.Array:
-    """Click disks (spec §1.3 step 2): [B, 2P, 3] -> [B, H, W, 2] (positive, negative) in {0, 1}.
+    """Click disks (docs/design/model.md#click-maps): [B, 2P, 3] -> [B, H, W, 2] (positive, negative) in {0, 1}.
 
     A pixel is in a disk if (i - y)² + (j - x)² <= r² for some click of that polarity; a slot
     with max(y, x) < 0 is empty. With `point_denom` [B, 2] the click is at (y/den_y, x/den_x) and
@@ -97,7 +97,7 @@ class StackBlock(nnx.Module):
 
 
 class EncoderStack(nnx.Module):
-    """`backbone_mix` (spec §1.5): [B, h, w, D] fused features + click embedding -> [B, h*w, D].
+    """`backbone_mix` (docs/design/model.md#encoderstack): [B, h, w, D] fused features + click embedding -> [B, h*w, D].
 
     Its position grid (crop / patch) is resized with torch's non-antialiased bicubic (a=-0.75).
     """
@@ -151,7 +151,7 @@ def _from_subpixel(y: jax.Array, w: int, levels: int) -> jax.Array:
 
 
 class SimpleFPN(nnx.Module):
-    """SimpleFPN with optional skip connections (spec §1.6), strides 3.5/7/14/28 for patch 14.
+    """SimpleFPN with optional skip connections (docs/design/model.md#neck), strides 3.5/7/14/28 for patch 14.
 
     Branch i sees concat([X, S_i]) with S_i the i-th DINOv2 tap. Each branch's first layer is
     linear, so it is applied as first(X, channels=:D) + [first(S_i, channels=D:) + bias], the
@@ -246,7 +246,7 @@ class ConvModule(nnx.Module):
 
 
 class SegFormerHead(nnx.Module):
-    """All-MLP head (spec §1.7): 4 maps -> logits [B, h4·u, w4·u, 1] for upsample x{u}."""
+    """All-MLP head (docs/design/model.md#head): 4 maps -> logits [B, h4·u, w4·u, 1] for upsample x{u}."""
 
     def __init__(self, *, in_channels, embed_dim: int, upsample: str, dropout: float,
                  rngs: nnx.Rngs):
@@ -442,7 +442,7 @@ def _initializer(cfg_json: str):
 
 
 def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> SkipClick:
-    """A freshly initialised SkipClick (spec §3 initialisation) for the `model` config section.
+    """A freshly initialised SkipClick (docs/design/model.md#initialisation) for the `model` config section.
 
     The initialisation runs as one compiled computation (much faster than eager op-by-op init),
     compiled once per parameter layout and process (`dtype` and `attention` only set the

@@ -1,7 +1,7 @@
 // SkipClick annotation page: the server encodes the image once and answers each click.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { session: null, width: 0, height: 0, clicks: [] };
+const state = { session: null, width: 0, height: 0, clicks: [], name: "image.png" };
 
 function message(text, isError) {
   $("message").textContent = text || "";
@@ -44,7 +44,7 @@ function show(view, roundTripMs) {
   });
   drawMarks();
   $("undo").disabled = $("reset").disabled = $("next").disabled = view.clicks.length === 0;
-  $("download").disabled = view.clicks.length === 0 && view.objects === 0;
+  $("download").disabled = $("coco").disabled = view.clicks.length === 0 && view.objects === 0;
   if (roundTripMs !== undefined) {
     $("latency").textContent =
       `${view.action}: ${view.latency_ms.toFixed(1)} ms model, ${roundTripMs.toFixed(0)} ms round trip`;
@@ -62,6 +62,7 @@ async function openImage(blob, name) {
       headers: { "Content-Type": blob.type || "application/octet-stream" } });
     const bitmap = await createImageBitmap(blob);
     state.session = view.session; state.width = view.width; state.height = view.height;
+    state.name = name === "example" ? "example.png" : name;
     for (const id of ["image", "overlay", "marks"]) {
       $(id).width = view.width; $(id).height = view.height;
     }
@@ -111,12 +112,15 @@ $("example").onclick = async () => {
   const response = await fetch("/api/example");
   openImage(await response.blob(), "example");
 };
-$("download").onclick = () => {
+function download(href, filename) {
   const a = document.createElement("a");
-  a.href = `/api/mask?session=${encodeURIComponent(state.session)}`;
-  a.download = "mask.png";
+  a.href = href;
+  a.download = filename;
   document.body.appendChild(a); a.click(); a.remove();
-};
+}
+$("download").onclick = () => download(`/api/mask?session=${encodeURIComponent(state.session)}`, "mask.png");
+$("coco").onclick = () => download(`/api/coco?session=${encodeURIComponent(state.session)}` +
+  `&file_name=${encodeURIComponent(state.name)}`, "annotations.json");
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("dragging"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("dragging"));

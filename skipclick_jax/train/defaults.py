@@ -1,4 +1,4 @@
-"""Training recipe (spec §4): the `train` and `data` sections of an experiment config."""
+"""Training recipe (docs/design/training.md): the `train` and `data` sections of an experiment config."""
 
 from __future__ import annotations
 
@@ -51,13 +51,17 @@ def train_defaults() -> ml_collections.ConfigDict:
 
 
 def data_defaults() -> ml_collections.ConfigDict:
-    """COCO+LVIS with RITM's augmentation and MultiPointSampler (spec §4.2-§4.5).
+    """COCO+LVIS with RITM's augmentation and MultiPointSampler (docs/design/training.md#data).
 
     `name`/`root`/`split` go to data.train_datasets.load_train_source, `points` to
     data.points_sampler.MultiPointSampler and `synthetic` to data.synthetic.SyntheticConfig (used by
     the 'Synthetic' train and eval sets). `eval_datasets` are evaluated (NoC) after training;
     `eval_roots` maps each of them (except 'Synthetic') to its folder; one without a folder is
     skipped with a warning (set e.g. --config.data.eval_roots.GrabCut=/data/GrabCut).
+    `mask_mode`, `ignore_value`, `categories` and `min_annotation_area` say how the user's own
+    'COCO' (root: an instances JSON) and 'ImageMasks' (root: a folder) datasets are read
+    (data.custom_datasets.CustomOptions); their eval roots are `eval_roots.COCO` / `.ImageMasks`
+    (evaluated after training once set, whether or not `eval_datasets` names them).
     """
     return ml_collections.ConfigDict(
         dict(
@@ -81,7 +85,11 @@ def data_defaults() -> ml_collections.ConfigDict:
                 negative_probs=(0.1, 0.4, 0.5),  # background, other objects, border
             ),
             synthetic={},
+            mask_mode="binary",  # ImageMasks <stem>.png: 'binary' (one object) or 'instances'
+            ignore_value=-1,  # ImageMasks mask value marking ignore regions (-1: none)
+            categories=(),  # COCO category names or ids to keep (empty: all)
+            min_annotation_area=0,  # COCO / ImageMasks objects with fewer pixels are skipped
             eval_datasets=EVAL_DATASETS,
-            eval_roots={name: "" for name in EVAL_DATASETS},
+            eval_roots={name: "" for name in (*EVAL_DATASETS, "COCO", "ImageMasks")},
         )
     )

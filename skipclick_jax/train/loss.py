@@ -1,4 +1,4 @@
-"""Training loss (spec §4.7) and the logging-only IoU metric."""
+"""Training loss (docs/design/training.md#loss) and the logging-only IoU metric."""
 
 from __future__ import annotations
 

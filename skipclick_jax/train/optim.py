@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule (spec §4.8)."""
+"""Optimizer and learning-rate schedule (docs/design/training.md#optimizer)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-FROZEN_PREFIX = "feature_extractor"  # the DINOv2 backbone (spec §1.4)
+FROZEN_PREFIX = "feature_extractor"  # the DINOv2 backbone (docs/design/model.md#dinov2-backbone)
 
 
 @flax.struct.dataclass

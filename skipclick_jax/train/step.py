@@ -1,4 +1,4 @@
-"""The jitted training step: iterative click simulation (spec §4.6), NFL loss (§4.7), Adam update."""
+"""The jitted training step: iterative click simulation (docs/design/training.md#click-simulation), NFL loss (#loss), Adam update."""
 
 from __future__ import annotations
 

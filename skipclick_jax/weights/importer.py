@@ -33,8 +33,6 @@ def model_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def read_file(path: str | os.PathLike) -> tuple[dict, dict | None, ml_collections.ConfigDict | None]:
     """-> (state dict of numpy arrays, original `config` entry or None, embedded project config)."""
-    from skipclick_jax.config_lib import config_from_json
-
     path = pathlib.Path(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
@@ -45,7 +43,7 @@ def read_file(path: str | os.PathLike) -> tuple[dict, dict | None, ml_collection
                 sd = collections.OrderedDict((k, f.get_tensor(k)) for k in f.keys())
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-        embedded = config_from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+        embedded = _embedded_config(meta.get(CONFIG_KEY), path, "metadata")
         return sd, None, embedded
     obj = load_pth(path)
     entry = None
@@ -54,10 +52,39 @@ def read_file(path: str | os.PathLike) -> tuple[dict, dict | None, ml_collection
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise CheckpointError(f"{path}: not a checkpoint (expected a state dict of tensors or "
                               "{'state_dict': ..., 'config': ...})")
-    embedded = None
-    if isinstance(entry, dict) and isinstance(entry.get(CONFIG_KEY), str):
-        embedded = config_from_json(entry[CONFIG_KEY])
+    embedded = _embedded_config(entry.get(CONFIG_KEY) if isinstance(entry, dict) else None, path,
+                                "config entry")
     return obj, entry if isinstance(entry, dict) else None, embedded
+
+
+def _embedded_config(text, path: pathlib.Path, where: str) -> ml_collections.ConfigDict | None:
+    """The project config stored under CONFIG_KEY (None if absent); CheckpointError naming the
+    file and the key if it is not a valid config JSON."""
+    from skipclick_jax.config_lib import ConfigError, config_from_json
+
+    if text is None:
+        return None
+    source = f"{path}: {where} key {CONFIG_KEY!r}"
+    if not isinstance(text, str):
+        raise CheckpointError(f"{source} holds a {type(text).__name__}, expected config JSON text")
+    try:
+        return config_from_json(text, source)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{source} is not a valid model config ({type(err).__name__}: {err})") from None
+
+
+def warn_non_finite(sd: dict, source: str) -> list[str]:
+    """Warns naming the floating tensors that hold NaN or inf values; -> their names."""
+    bad = [k for k, v in sd.items()
+           if (np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16")
+           and not np.isfinite(np.asarray(v, np.float32)).all()]
+    if bad:
+        names = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        warnings.warn(f"{source}: {len(bad)} tensor(s) hold NaN or inf values: {names}; the model "
+                      "will produce NaN where they are used", stacklevel=2)
+    return bad
 
 
 def detect_format(sd: dict, entry: dict | None, source: str) -> str:
@@ -148,13 +175,30 @@ def import_weights(src, cfg: ml_collections.ConfigDict | None = None, fmt: str =
     `cfg` (model section) is required for 'state_dict' sources without an embedded config and
     for backbones; for released checkpoints it is checked against the file (shapes must agree).
     """
-    from flax import nnx
-
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     source = str(src)
     sd, entry, embedded = read_file(src)
-    kind = detect_format(sd, entry, source) if fmt == "auto" else fmt
+    warn_non_finite(sd, source)
+    try:
+        detected = detect_format(sd, entry, source)
+    except CheckpointError:
+        if fmt == "auto":
+            raise
+        detected = "unrecognised"
+    kind = detected if fmt == "auto" else fmt
+    try:
+        return _import(sd, entry, embedded, cfg, kind, source, seed)
+    except KeyError as err:
+        if fmt == "auto":
+            raise
+        raise CheckpointError(f"{source}: format {fmt!r} does not fit this file (its keys look like "
+                              f"{detected!r}): missing key {err}") from None
+
+
+def _import(sd, entry, embedded, cfg, kind, source, seed):
+    from flax import nnx
+
     dtypes = sorted({str(v.dtype) for v in sd.values()})
     if kind in ("released", "state_dict"):
         if cfg is None:

@@ -331,9 +331,9 @@ def model_config_from_state_dict(sd: dict, released_config: dict | None,
     entry must agree with them. Head counts are not visible in shapes: the stack's comes from the
     entry (backbone_params.num_heads), DINOv2's is dim / 64 (every DINOv2 size), DINOv3's is
     dim / (4 · len(rope_embed.periods)). Single-tap checkpoints (use_intermediate=[11]) map to
-    taps=(2,), the released behaviour (spec §8.1). The backbone is DINOv3 when the keys are under
+    taps=(2,), the released behaviour (docs/design/model.md#released-code-quirks). The backbone is DINOv3 when the keys are under
     `feature_extractor.dinov3.`; the original then accepts any `extractor_type` starting with
-    'dinov3' (dinov3.md §1), DINOv2 needs 'dinov2_vitb14_reg'.
+    'dinov3' (docs/design/model.md#dinov3-backbone), DINOv2 needs 'dinov2_vitb14_reg'.
     """
     from skipclick_jax.config_lib import model_config
 

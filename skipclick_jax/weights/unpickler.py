@@ -30,6 +30,11 @@ STORAGE_DTYPES = {
 
 # A state dict's tensors declare at most this many bytes per byte of file (shared/tied views).
 MAX_DECLARED_RATIO = 4
+# data.pkl holds keys, shapes and a small config, not data (tensors are separate zip entries):
+# at most this much uncompressed, plus PICKLE_BYTES_PER_STORAGE per storage entry. A SkipClick
+# ViT-B checkpoint's data.pkl is ~40 KB for ~300 storages; the bound is ~35 MiB for it.
+PICKLE_BASE_BYTES = 16 << 20
+PICKLE_BYTES_PER_STORAGE = 64 << 10
 
 
 class IsegmStub:
@@ -176,6 +181,13 @@ def load_pth(path: str | pathlib.Path):
                 return np.zeros(0, dt)
             return np.memmap(path, dtype=dt, mode="r", offset=offset, shape=(numel,))
 
+        storages = sum(1 for n in names if n.startswith(prefix + "data/"))
+        limit = PICKLE_BASE_BYTES + PICKLE_BYTES_PER_STORAGE * storages
+        declared = archive.getinfo(pkl[0]).file_size
+        if declared > limit:  # before decompressing anything (zipfile reads no more than declared)
+            raise CheckpointError(
+                f"{path}: {pkl[0]} declares {declared:,} bytes uncompressed, over the {limit:,} that "
+                f"the metadata of {storages} tensor storages can need; refused unread")
         with archive.open(pkl[0]) as fh:
             try:
                 obj = RestrictedUnpickler(fh, load_storage, str(path)).load()
