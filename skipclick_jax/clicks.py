@@ -1,7 +1,8 @@
 """Next-click rules of the original, pure and batched (docs/design/evaluation.md#clicker, docs/design/training.md#click-simulation).
 
-Both rules zero-pad the error masks by one pixel (here: `edt` counts the ring and pixels outside
-`valid` as zeros) and take the exact Euclidean distance transform.
+Both rules zero-pad the error masks by one pixel (here: `edt` / `chamfer5` count the ring, and `edt`
+also pixels outside `valid`, as zeros). The evaluation clicker takes the exact Euclidean distance
+transform; the training clicker OpenCV's 5x5 chamfer distance (or, optionally, the exact one).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from skipclick_jax.edt import edt
+from skipclick_jax.edt import chamfer5, edt
+
+CLICK_DISTANCES = ("chamfer5", "exact")
 
 
 def eval_next_click(
@@ -45,13 +48,15 @@ def train_next_points(
     points: jax.Array,
     click_index: int | jax.Array,
     thresh: float = 0.49,
+    distance: str = "chamfer5",
 ) -> jax.Array:
     """The training clicker (`get_next_points`): a random deep error pixel written to a fixed slot.
 
     key: PRNG key; pred [B,H,W] probabilities; gt [B,H,W] (foreground = gt > 0.5); points [B,2P,3]
     rows (row, col, index), positives in 0..P-1, negatives in P..2P-1; click_index k >= 1.
-    fn = gt & pred < thresh, fp = ~gt & pred > thresh. The original uses OpenCV's 5x5 chamfer
-    distance here; this port uses the exact EDT instead. is_positive = max_fn > max_fp; the click
+    fn = gt & pred < thresh, fp = ~gt & pred > thresh; dt = the distance of each to the nearest
+    non-error pixel with a zero ring around the image: `distance` 'chamfer5' (the original's OpenCV
+    5x5 chamfer transform, `edt.chamfer5`) or 'exact' (`edt.edt`). is_positive = max_fn > max_fp; the click
     is uniformly random in inner = dt > max(max_fn, max_fp) / 2 and goes to row P-k (positive) or
     2P-k (negative) as (row, col, k); nothing is written when inner is empty.
     Returns the updated points [B,2P,3] (same dtype).
@@ -60,12 +65,15 @@ def train_next_points(
         raise ValueError(f"train_next_points: pred and gt must be [B,H,W], got {pred.shape}, {gt.shape}")
     if points.ndim != 3 or points.shape[0] != pred.shape[0] or points.shape[2] != 3 or points.shape[1] % 2:
         raise ValueError(f"train_next_points: points must be [B,2P,3] with B={pred.shape[0]}, got {points.shape}")
+    if distance not in CLICK_DISTANCES:
+        raise ValueError(f"train_next_points: distance must be one of {CLICK_DISTANCES}, got {distance!r}")
     b, h, w = pred.shape
     num = points.shape[1] // 2
     fg = gt > 0.5
     fn = fg & (pred < thresh)
     fp = ~fg & (pred > thresh)
-    dt_fn, dt_fp = jnp.split(edt(jnp.concatenate([fn, fp])), 2)
+    transform = chamfer5 if distance == "chamfer5" else edt
+    dt_fn, dt_fp = jnp.split(transform(jnp.concatenate([fn, fp])), 2)
     max_fn = dt_fn.max(axis=(1, 2))
     max_fp = dt_fp.max(axis=(1, 2))
     is_positive = max_fn > max_fp

@@ -373,6 +373,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     need(t, "train", "pred_thresh", lambda v: _number(v) and 0 <= v <= 1, "expected a number in [0, 1]")
     need(t, "train", "profile_steps", _profile_ok, "expected '' or 'A:B' with integers 1 <= A < B "
          "(a profiler trace of steps A .. B-1)")
+    need(t, "train", "click_distance", lambda v: v in ("chamfer5", "exact"),
+         "expected 'chamfer5' (OpenCV's 5x5 chamfer, the original's) or 'exact' (Euclidean)")
     if "optimizer" in t:
         need(t.optimizer, "train.optimizer", "lr", lambda v: _number(v) and not v < 0,
              "expected a number >= 0")

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -84,11 +85,17 @@ def test_eval_clicker_ties_and_perfect_prediction():
     assert (int(rows[0]), int(cols[0]), bool(pos[0])) == (1, 5, False)
 
 
-def reference_train_click(pred, gt, thresh=0.49):
-    """is_positive and the inner region of the original get_next_points (with the exact EDT)."""
+def padded_chamfer(mask):
+    return cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+
+
+def reference_train_click(pred, gt, thresh=0.49, distance="chamfer5"):
+    """is_positive and the inner region of the original get_next_points (OpenCV's 5x5 chamfer
+    distance, or with distance='exact' the exact EDT)."""
     fg = gt > 0.5
-    dt_fn = padded_dt(fg & (pred < thresh))
-    dt_fp = padded_dt(~fg & (pred > thresh))
+    dist = padded_chamfer if distance == "chamfer5" else padded_dt
+    dt_fn = dist(fg & (pred < thresh))
+    dt_fp = dist(~fg & (pred > thresh))
     is_pos = dt_fn.max() > dt_fp.max()
     dt = dt_fn if is_pos else dt_fp
     return is_pos, dt > max(dt_fn.max(), dt_fp.max()) / 2.0
@@ -102,12 +109,13 @@ def test_train_click_lies_in_inner_region_and_fills_the_right_slot():
     pred[0] = gt[0]  # perfect prediction: nothing is added
     points = np.full((b, 2 * num, 3), -1.0, np.float32)
     points[:, 0] = (3.0, 4.0, 0.0)
-    fn = jax.jit(train_next_points, static_argnames="click_index")
+    fn = jax.jit(train_next_points, static_argnames=("click_index", "distance"))
     seen = set()
-    for k in (1, 2, 3):
-        out = np.asarray(fn(jax.random.key(k), jnp.asarray(pred), jnp.asarray(gt), jnp.asarray(points), click_index=k))
+    for k, distance in ((1, "chamfer5"), (2, "exact"), (3, "chamfer5")):
+        out = np.asarray(fn(jax.random.key(k), jnp.asarray(pred), jnp.asarray(gt), jnp.asarray(points),
+                            click_index=k, distance=distance))
         for i in range(b):
-            is_pos, inner = reference_train_click(pred[i], gt[i])
+            is_pos, inner = reference_train_click(pred[i], gt[i], distance=distance)
             slot = num - k if is_pos else 2 * num - k
             if not inner.any():
                 np.testing.assert_array_equal(out[i], points[i])

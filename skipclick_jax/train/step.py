@@ -9,12 +9,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from skipclick_jax.clicks import train_next_points
+from skipclick_jax.clicks import CLICK_DISTANCES, train_next_points
 from skipclick_jax.model.skipclick import check_remat
 from skipclick_jax.train.loss import binary_iou, normalized_focal_loss
 from skipclick_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]  # image uint8 [B,S,S,3], points float32 [B,2P,3], gt float32 [B,S,S]
+
+
+def check_click_distance(click_distance: str) -> None:
+    """Refuses an unknown training-clicker distance, naming it and the choices."""
+    if click_distance not in CLICK_DISTANCES:
+        raise ValueError(f"click_distance must be one of {CLICK_DISTANCES}, got {click_distance!r}")
 
 
 def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -32,10 +38,12 @@ def simulate_clicks(
     num_clicks: jax.Array,
     key: jax.Array,
     thresh: float,
+    click_distance: str = "chamfer5",
 ) -> tuple[jax.Array, jax.Array]:
     """`num_clicks` (traced, 0..max) eval-mode rounds of predict -> sigmoid -> next training click.
 
-    No gradient flows through the simulation. Returns (prev_mask float32 [B,S,S], points [B,2P,3]).
+    `click_distance` is the training clicker's distance transform ('chamfer5' | 'exact', see
+    `clicks.train_next_points`). No gradient flows through the simulation. Returns (prev_mask float32 [B,S,S], points [B,2P,3]).
     """
     params, frozen, enc = jax.lax.stop_gradient((params, frozen, enc))
 
@@ -43,7 +51,9 @@ def simulate_clicks(
         prev, points = carry
         model = nnx.merge(graphdef, params, frozen)
         prev = jax.nn.sigmoid(model.decode_clicks(enc, prev, points, dropout_rng=None))
-        points = train_next_points(jax.random.fold_in(key, i), prev, batch["gt"], points, i + 1, thresh)
+        points = train_next_points(
+            jax.random.fold_in(key, i), prev, batch["gt"], points, i + 1, thresh, click_distance
+        )
         return prev, points
 
     prev = jnp.zeros(batch["gt"].shape, jnp.float32)
@@ -57,12 +67,15 @@ def make_train_step(
     *,
     max_num_next_clicks: int = 3,
     pred_thresh: float = 0.49,
+    click_distance: str = "chamfer5",
     alpha: float = 0.5,
     gamma: float = 2.0,
     eps: float = 1e-12,
     backbone_train_mode: bool = True,
     remat: str = "none",
     remat_policy: str = "nothing_saveable",
+    dropout: bool = True,
+    with_grads: bool = False,
 ) -> Callable[[TrainState, dict[str, Any], Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Returns the pure step (state, frozen, batch) -> (state, metrics) to be wrapped in jax.jit.
 
@@ -72,25 +85,33 @@ def make_train_step(
     the model's (`model.dtype`); parameters, gradients, optimizer state and the loss are float32.
     With `backbone_train_mode`, a backbone whose training mode differs (DINOv3: RoPE coordinate
     rescale) is run again in training mode for the loss forward, as the original trainer does;
-    the click simulation stays eval-mode.
+    the click simulation stays eval-mode. `click_distance` picks the training clicker's distance
+    ('chamfer5', the original's, or 'exact').
     metrics: float32 scalars loss, iou (prediction at `pred_thresh`), grad_norm, lr, num_clicks.
+    For parity checks (`convert_weights.train_parity`): a batch entry `num_clicks` (int32 []) sets
+    the simulated clicks instead of drawing them, `dropout=False` switches the head's Dropout2d off,
+    and `with_grads=True` adds the gradient tree as metrics['grads'].
     """
     check_remat(remat, remat_policy)
+    check_click_distance(click_distance)
 
     def train_step(state: TrainState, frozen: dict[str, Any], batch: Batch):
         k_num, k_click, k_drop, k_backbone = step_keys(state)
-        num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
+        if "num_clicks" in batch:
+            num_clicks = jnp.asarray(batch["num_clicks"], jnp.int32)
+        else:
+            num_clicks = jax.random.randint(k_num, (), 0, max_num_next_clicks + 1)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, frozen)
             model.set_remat(remat, remat_policy)
             enc = model.encode_image(batch["image"])
             prev, points = simulate_clicks(
-                graphdef, params, frozen, enc, batch, num_clicks, k_click, pred_thresh
+                graphdef, params, frozen, enc, batch, num_clicks, k_click, pred_thresh, click_distance
             )
             if backbone_train_mode and model.feature_extractor.stochastic_in_training:
                 enc = model.encode_image(batch["image"], rng=k_backbone)
-            logits = model.decode_clicks(enc, prev, points, dropout_rng=k_drop)
+            logits = model.decode_clicks(enc, prev, points, dropout_rng=k_drop if dropout else None)
             loss = normalized_focal_loss(logits, batch["gt"], alpha=alpha, gamma=gamma, eps=eps)
             return loss.mean(), logits
 
@@ -104,6 +125,8 @@ def make_train_step(
             lr=jnp.asarray(schedule(state.step), jnp.float32),
             num_clicks=num_clicks.astype(jnp.float32),
         )
+        if with_grads:
+            metrics["grads"] = grads
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
@@ -111,11 +134,17 @@ def make_train_step(
 
 
 def make_preview_fn(
-    graphdef: nnx.GraphDef, *, num: int, max_num_next_clicks: int = 3, pred_thresh: float = 0.49
+    graphdef: nnx.GraphDef,
+    *,
+    num: int,
+    max_num_next_clicks: int = 3,
+    pred_thresh: float = 0.49,
+    click_distance: str = "chamfer5",
 ) -> Callable[[TrainState, dict[str, Any], Batch], dict[str, jax.Array]]:
     """(state, frozen, batch) -> the first `num` samples' {image, gt, points [num,2P,3] after the
     simulated clicks, prob [num,S,S] eval-mode prediction}, for image summaries. It draws the
     step's keys exactly as `make_train_step` does for the same `state.step`."""
+    check_click_distance(click_distance)
 
     def preview(state: TrainState, frozen: dict[str, Any], batch: Batch):
         batch = jax.tree.map(lambda x: x[:num], batch)
@@ -124,7 +153,7 @@ def make_preview_fn(
         model = nnx.merge(graphdef, state.params, frozen)
         enc = model.encode_image(batch["image"])
         prev, points = simulate_clicks(
-            graphdef, state.params, frozen, enc, batch, num_clicks, k_click, pred_thresh
+            graphdef, state.params, frozen, enc, batch, num_clicks, k_click, pred_thresh, click_distance
         )
         prob = jax.nn.sigmoid(model.decode_clicks(enc, prev, points, dropout_rng=None))
         return dict(image=batch["image"], gt=batch["gt"], points=points, prob=prob)

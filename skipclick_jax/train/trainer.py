@@ -99,14 +99,14 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
     # ------------------------------------------------------------------ Update
     train_step = sharding.jit_step(
         step_lib.make_train_step(graphdef, tx, schedule, max_num_next_clicks=tc.max_num_next_clicks,
-                                 pred_thresh=tc.pred_thresh, remat=tc.remat,
-                                 remat_policy=tc.remat_policy, **tc.loss,
+                                 pred_thresh=tc.pred_thresh, click_distance=tc.click_distance,
+                                 remat=tc.remat, remat_policy=tc.remat_policy, **tc.loss,
                                  backbone_train_mode=tc.get("backbone_train_mode", True)),
         mesh, state_sharding, frozen_sharding)
     n_preview = min(tc.num_image_summaries, tc.batch_size)
     preview = distributed.SyncedJit(jax.jit(step_lib.make_preview_fn(
         graphdef, num=n_preview, max_num_next_clicks=tc.max_num_next_clicks,
-        pred_thresh=tc.pred_thresh), out_shardings=jax.sharding.NamedSharding(mesh, jax.P())), "preview")
+        pred_thresh=tc.pred_thresh, click_distance=tc.click_distance), out_shardings=jax.sharding.NamedSharding(mesh, jax.P())), "preview")
     all_finite = distributed.SyncedJit(jax.jit(
         lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))), "all_finite")
 
