@@ -141,17 +141,14 @@ class Predictor(_ClickSession):
         """`dtype` / `attention` override the model's compute settings (`SkipClick.set_precision`),
         e.g. dtype='bfloat16' runs a float32 checkpoint in bfloat16 on an accelerator."""
         import jax
-        from flax import nnx
 
-        from skipclick_jax.model import decode_fn, encode_fn
+        from skipclick_jax.model.api import model_functions
 
-        if dtype or attention:
-            model = nnx.clone(model)
-            model.set_precision(dtype, attention)
-        graphdef, self._state = nnx.split(model)
+        fns = model_functions(model, dtype, attention)
+        self._state = fns.params
         self.size = size or model.backbone_mix.pos_grid * model.patch
         model.check_image_size(self.size, self.size)
-        encode, decode = encode_fn(graphdef), decode_fn(graphdef)
+        encode, decode = fns.encode, fns.decode
         s = self.size
 
         # Resizes to and from the image's own size are jitted apart from the model, so a new

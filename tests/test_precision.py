@@ -241,10 +241,10 @@ def test_switching_back_to_float32_is_exact(tiny_random):
 
 
 def test_eval_predictors_take_a_dtype(tiny_model):
-    from skipclick_jax.evaluation.engine import skipclick_predictor
+    from skipclick_jax.model.api import model_functions
     from skipclick_jax.predictor import Predictor
 
-    pred = skipclick_predictor(tiny_model, "bfloat16")
+    pred = model_functions(tiny_model, "bfloat16")
     images = jax.ShapeDtypeStruct((2, 112, 112, 3), jnp.float32)
     enc = jax.eval_shape(pred.encode, pred.params, images)
     assert enc["fused"].dtype == jnp.bfloat16 and all(s.dtype == jnp.bfloat16 for s in enc["skips"])

@@ -181,7 +181,7 @@ def test_nan_and_inf_pixels_are_refused():
 
 
 def test_predictor_and_engine_refuse_wrongly_scaled_images(small_model):
-    from skipclick_jax.evaluation import engine
+    from skipclick_jax.evaluation import protocol, scheduler
     from skipclick_jax.predictor import Predictor
 
     predictor = Predictor(small_model, size=56)
@@ -191,7 +191,7 @@ def test_predictor_and_engine_refuse_wrongly_scaled_images(small_model):
         predictor.set_image(np.zeros((20, 30, 3), np.uint16))
     sample = dict(id="x#0", image=np.full((8, 8, 3), 3.0), gt=np.zeros((8, 8), np.int32))
     with pytest.raises(ValueError, match=r"sample 'x#0': image has values in \[3, 3\]"):
-        engine.make_batch([sample], engine.Protocol(size=28, max_clicks=1), (8, 8), 1)
+        scheduler.make_batch([sample], protocol.Protocol(size=28, max_clicks=1), (8, 8), 1)
 
 
 # ----------------------------------------------------------------------------- hostile .pth files

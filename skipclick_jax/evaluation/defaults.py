@@ -11,7 +11,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
     `sizes` maps a dataset name to its square network input size S; names starting with a key
     ending in `*` match by prefix, anything else uses `default_size`. `bucket` is the granularity
     (pixels) to which image heights/widths are padded so that a batch shares one shape;
-    `batch_size` 0 picks `engine.default_batch_size()` (1 per device on CPU, 8 on accelerators).
+    `batch_size` 0 picks `scheduler.default_batch_size()` (1 per device on CPU, 8 on accelerators).
     `dtype` ('float32' | 'bfloat16') and `attention` ('xla' | 'cudnn') override the model's
     compute settings for the evaluation ("" keeps the model's own `model.dtype` / `model.attention`).
     """
