@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from skipclick_jax import config_lib  # noqa: E402
+from skipclick_jax.defaults import MASK_THRESHOLD  # noqa: E402
 from skipclick_jax.model import build_model, model_functions  # noqa: E402
 from skipclick_jax.runtime import enable_compilation_cache  # noqa: E402
 
@@ -156,7 +157,8 @@ def agreement_section(logits: dict) -> list[dict]:
     for key, out in logits.items():
         if key == ("float32", "xla") or ref is None:
             continue
-        a, b = ref > np.log(0.49 / 0.51), out > np.log(0.49 / 0.51)
+        cut = np.log(MASK_THRESHOLD / (1 - MASK_THRESHOLD))  # sigmoid(z) > MASK_THRESHOLD <=> z > cut
+        a, b = ref > cut, out > cut
         union = np.sum(a | b)
         rows.append(dict(dtype=key[0], attention=key[1], max_abs=float(np.abs(out - ref).max()),
                          logit_scale=float(np.abs(ref).max()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from skipclick_jax.defaults import MASK_THRESHOLD
 from skipclick_jax.edt import edt
 
 
@@ -44,7 +45,7 @@ def train_next_points(
     gt: jax.Array,
     points: jax.Array,
     click_index: int | jax.Array,
-    thresh: float = 0.49,
+    thresh: float = MASK_THRESHOLD,
 ) -> jax.Array:
     """The training clicker (`get_next_points`): a random deep error pixel written to a fixed slot.
 

@@ -19,7 +19,7 @@ from flax import nnx
 from skipclick_jax import config_lib
 from skipclick_jax.model import build_model
 from skipclick_jax.train import optim, state as state_lib, step as step_lib
-from skipclick_jax.train.defaults import train_defaults
+from skipclick_jax.defaults.train import train_defaults
 from skipclick_jax.weights.mapping import flatten
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

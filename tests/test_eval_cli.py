@@ -9,7 +9,7 @@ import pytest
 
 from skipclick_jax import config_lib, metrics
 from skipclick_jax.evaluation import cli as eval_cli
-from skipclick_jax.evaluation.defaults import eval_defaults, size_for
+from skipclick_jax.defaults.evaluation import eval_defaults, size_for
 from skipclick_jax.evaluation.scheduler import run_samples
 from skipclick_jax.evaluation.evaluate import evaluate
 from tests.test_eval_engine import FLIP, PREDICTOR, SIZES, make_sample

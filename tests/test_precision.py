@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from skipclick_jax import config_lib
+from skipclick_jax.defaults import MASK_THRESHOLD
 from skipclick_jax.model import SkipClick, build_model, layers
 from skipclick_jax.train import optim, state as state_lib
 from skipclick_jax.train.loss import normalized_focal_loss
@@ -202,7 +203,8 @@ def _check_bfloat16_agrees(model, sizes):
         assert np.isfinite(b).all()
         scale = max(1.0, float(np.abs(a).max()))
         assert np.abs(a - b).max() <= BF16_LOGIT_TOL * scale, (size, np.abs(a - b).max(), scale)
-        agree = np.mean((a > np.log(0.49 / 0.51)) == (b > np.log(0.49 / 0.51)))
+        cut = np.log(MASK_THRESHOLD / (1 - MASK_THRESHOLD))
+        agree = np.mean((a > cut) == (b > cut))
         assert agree >= BF16_MASK_AGREEMENT, (size, agree)
 
 

@@ -52,7 +52,7 @@ def evaluate(
       datasets: name -> samples ({'id', 'image', 'gt'}, sequence-like, in dataset order) or the
         dataset's root folder (read with `skipclick_jax.data.eval_datasets.load_eval_dataset`).
       out: output folder (created).
-      cfg: the `eval` config section (`skipclick_jax.evaluation.defaults.eval_defaults()`).
+      cfg: the `eval` config section (`skipclick_jax.defaults.evaluation.eval_defaults()`).
       data_dir: TFDS cache folder for datasets given as folders.
     """
     predictor = (model_or_predictor if isinstance(model_or_predictor, ModelFunctions)

@@ -35,7 +35,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from skipclick_jax.clicks import eval_next_click
-from skipclick_jax.evaluation.defaults import size_for
+from skipclick_jax.defaults import MASK_THRESHOLD
+from skipclick_jax.defaults.evaluation import size_for
 from skipclick_jax.model.api import ModelFunctions
 
 Taps = tuple[jax.Array, jax.Array]  # (indices int32 [B, n_out, 2], weights float32 [B, n_out, 2])
@@ -48,7 +49,7 @@ class Protocol:
     size: int = 448
     max_clicks: int = 20
     target_iou: float = 0.95
-    thresh: float = 0.49
+    thresh: float = MASK_THRESHOLD
     flip: bool = True
     points_per_polarity: int = 20
 

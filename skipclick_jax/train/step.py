@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from skipclick_jax.clicks import train_next_points
+from skipclick_jax.defaults import MASK_THRESHOLD
 from skipclick_jax.model.skipclick import check_remat
 from skipclick_jax.train.loss import binary_iou, normalized_focal_loss
 from skipclick_jax.train.state import TrainState
@@ -56,7 +57,7 @@ def make_train_step(
     schedule: optax.Schedule,
     *,
     max_num_next_clicks: int = 3,
-    pred_thresh: float = 0.49,
+    pred_thresh: float = MASK_THRESHOLD,
     alpha: float = 0.5,
     gamma: float = 2.0,
     eps: float = 1e-12,
@@ -111,7 +112,7 @@ def make_train_step(
 
 
 def make_preview_fn(
-    graphdef: nnx.GraphDef, *, num: int, max_num_next_clicks: int = 3, pred_thresh: float = 0.49
+    graphdef: nnx.GraphDef, *, num: int, max_num_next_clicks: int = 3, pred_thresh: float = MASK_THRESHOLD
 ) -> Callable[[TrainState, dict[str, Any], Batch], dict[str, jax.Array]]:
     """(state, frozen, batch) -> the first `num` samples' {image, gt, points [num,2P,3] after the
     simulated clicks, prob [num,S,S] eval-mode prediction}, for image summaries. It draws the

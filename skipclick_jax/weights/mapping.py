@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from skipclick_jax.defaults import UPSAMPLE_FACTOR as _UPSAMPLE
 from skipclick_jax.weights import CheckpointError
 
 HUB_PREFIX = "feature_extractor.dinov2."
@@ -32,7 +33,6 @@ _SEQ = re.compile(r"^(neck\.down_\d+|head\.up_conv[12])\.(\d+)\.")
 _SEQ_JAX = re.compile(r"^(neck\.down_\d+|head\.up_conv[12])\.layers\.(\d+)\.")
 _CONV_T = re.compile(r"^(neck\.down_4\.[03]|neck\.down_8\.0|head\.up_conv[12]\.0)\.weight$")
 _PERM = {"linear": (1, 0), "conv": (2, 3, 1, 0), "convT": (2, 3, 0, 1)}
-_UPSAMPLE = {"x1": 1, "x2": 2, "x4": 4}
 EXTRACTOR_TYPES = {"dinov2": "dinov2_vitb14_reg", "dinov3": "dinov3_vitb16"}  # `extractor_type`
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from skipclick_jax.defaults import MASK_THRESHOLD
+
 
 def eval_defaults() -> ml_collections.ConfigDict:
     """The original NoC protocol (`evaluate_model.py NoBRS --eval-mode=cvpr --suppress-zoom`).
@@ -19,7 +21,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
         dict(
             max_clicks=20,
             target_iou=0.95,
-            thresh=0.49,
+            thresh=MASK_THRESHOLD,
             flip=True,
             default_size=448,
             sizes={"DAVIS": 672, "HQSeg44k": 896, "SHSeg": 896, "WSESeg_*": 896},
