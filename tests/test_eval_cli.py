@@ -91,7 +91,7 @@ def test_eval_main_flags(tmp_path, monkeypatch, flags):
     import ml_collections
 
     from skipclick_jax import checkpoint
-    from skipclick_jax.data import testing
+    from tests import fixtures_data as testing
     from skipclick_jax.model.api import ModelFunctions
     from tests.test_eval_engine import oracle_decode, oracle_encode
 
@@ -123,7 +123,7 @@ def test_eval_main_flags(tmp_path, monkeypatch, flags):
 @pytest.mark.slow
 def test_eval_main_end_to_end(tmp_path):
     from skipclick_jax import checkpoint, config_lib
-    from skipclick_jax.data import testing
+    from tests import fixtures_data as testing
     from skipclick_jax.model import build_model
 
     cfg = config_lib.base_config(config_lib.tiny_model_config())

@@ -25,6 +25,7 @@ from skipclick_jax.defaults import MASK_THRESHOLD
 from skipclick_jax.model import SkipClick, build_model, layers
 from skipclick_jax.train import optim, state as state_lib
 from skipclick_jax.train.loss import normalized_focal_loss
+from tests.helpers import ROOT, run_python
 
 BF16_LOGIT_TOL = 0.05  # relative to max(1, |logits|)
 BF16_MASK_AGREEMENT = 0.995
@@ -333,16 +334,10 @@ def test_mu_dtype_keeps_the_first_moment_in_bfloat16():
 def test_device_suite_quick_runs_every_section(tmp_path):
     """`bench/device_suite.py --quick`: the accelerator benchmark's code at tiny sizes, one process."""
     import json
-    import pathlib
-    import subprocess
-    import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path / "suite.json"
-    proc = subprocess.run([sys.executable, str(root / "bench" / "device_suite.py"), "--quick",
-                           "--time-limit", "900", "--json", str(out)],
-                          capture_output=True, text=True, timeout=1200, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python(ROOT / "bench" / "device_suite.py", "--quick", "--time-limit", "900", "--json", out,
+               timeout=1200)
     r = json.loads(out.read_text())
     assert not r["errors"], r["errors"]
     assert r["env"]["backend"] == jax.default_backend() and r["env"]["jax"] == jax.__version__
