@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from skipclick_jax import checkpoint, config_lib, distributed
 from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
-from skipclick_jax.train import checkpointing
+from skipclick_jax.train import run_checkpoints as checkpointing
 from skipclick_jax.train.trainer import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)

@@ -14,27 +14,15 @@ import collections
 import os
 import pathlib
 import sys
-import tempfile
 
 import ml_collections
 
+from skipclick_jax.atomic import atomic_write
 from skipclick_jax.weights import CheckpointError, mapping
 from skipclick_jax.weights.importer import (  # noqa: F401  (re-exported for the parity layer)
     CONFIG_KEY, FORMATS, backbone_params, export_state_dict, import_weights, model_section,
     read_file,
 )
-
-def _atomic_write(path: pathlib.Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def export_weights(model, cfg: ml_collections.ConfigDict, path: str | os.PathLike) -> pathlib.Path:
     """Writes the original state dict to `.pth` ({'state_dict', 'config'}, loadable with
@@ -47,13 +35,13 @@ def export_weights(model, cfg: ml_collections.ConfigDict, path: str | os.PathLik
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={CONFIG_KEY: config_to_json(cfg)}))
+        atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={CONFIG_KEY: config_to_json(cfg)}))
     elif path.suffix in (".pth", ".pt"):
         import torch
 
         entry = mapping.released_config_entry(cfg) | {CONFIG_KEY: config_to_json(cfg)}
         tensors = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
-        _atomic_write(path, lambda tmp: torch.save({"state_dict": tensors, "config": entry}, tmp))
+        atomic_write(path, lambda tmp: torch.save({"state_dict": tensors, "config": entry}, tmp))
     else:
         raise ValueError(f"{path}: export needs a .pth/.pt or .safetensors file name")
     return path

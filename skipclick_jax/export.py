@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skipclick_jax import config_lib
-from skipclick_jax.checkpoint import atomic_directory
+from skipclick_jax.atomic import atomic_directory
 from skipclick_jax.model import SkipClick, layers, model_functions
 from skipclick_jax.model.skipclick import IMAGENET_MEAN, IMAGENET_STD
 

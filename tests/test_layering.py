@@ -50,7 +50,7 @@ def test_nothing_in_the_package_imports_the_trainer_or_the_eval_cli():
 # lower layer, or (where the layer allows peers) of another group of its own layer. A module
 # belongs to the group with the longest matching prefix (train.trainer is an application).
 LAYERS = (  # (layer, peers may import each other, groups)
-    ("core", True, ("defaults", "resize", "edt", "clicks", "metrics", "images", "runtime",
+    ("core", True, ("atomic", "defaults", "resize", "edt", "clicks", "metrics", "images", "runtime",
                     "distributed", "visualize")),
     ("library", True, ("config_lib", "model", "data", "weights", "checkpoint")),
     ("engines", False, ("train", "evaluation")),

@@ -58,7 +58,7 @@ def _outcome(fn) -> str | None:
 
 def _run_child(out: pathlib.Path) -> None:
     from skipclick_jax.evaluation import cli as eval_cli
-    from skipclick_jax.train import checkpointing, trainer as train
+    from skipclick_jax.train import run_checkpoints as checkpointing, trainer as train
 
     logging.basicConfig(level=logging.WARNING)
     cfg = small_config(str(out / "tfds"))
@@ -215,9 +215,9 @@ def test_train_cli_exit_code_and_message(report):
 
 # ----------------------------------------------------------------------------- in this process
 def test_lock_held_by_another_process_and_stale_lock(tmp_path, caplog):
-    from skipclick_jax.train.checkpointing import WorkdirError, WorkdirLock
+    from skipclick_jax.train.run_checkpoints import WorkdirError, WorkdirLock
 
-    code = ("import sys, time; from skipclick_jax.train.checkpointing import WorkdirLock; "
+    code = ("import sys, time; from skipclick_jax.train.run_checkpoints import WorkdirLock; "
             "WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -250,7 +250,7 @@ def test_failed_save_stops_at_once_and_keeps_earlier_steps(tmp_path):
     import jax.numpy as jnp
 
     from skipclick_jax import checkpoint
-    from skipclick_jax.train.checkpointing import Checkpointer, CheckpointSaveError
+    from skipclick_jax.train.run_checkpoints import Checkpointer, CheckpointSaveError
     from skipclick_jax.train.state import TrainState
 
     class Iterator:

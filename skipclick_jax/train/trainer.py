@@ -30,7 +30,7 @@ from skipclick_jax.data.synthetic import SyntheticConfig
 from skipclick_jax.data.train_datasets import load_train_source
 from skipclick_jax.evaluation.evaluate import evaluate
 from skipclick_jax.model import build_model
-from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
+from skipclick_jax.train import optim, run_checkpoints as checkpointing, sharding, state as state_lib, step as step_lib
 from skipclick_jax.train.summary import Writer, preview_image
 
 __all__ = ["train_and_evaluate"]

@@ -234,17 +234,6 @@ def timm_to_hub(sd: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def hub_to_timm(sd: dict) -> dict[str, np.ndarray]:
-    """Hub keys -> timm keys exactly as timm's `_convert_dinov2` (cls + pos_embed[:, 0]; no mask_token)."""
-    sd = dict(sd)
-    sd.pop("mask_token", None)
-    pos = sd.pop("pos_embed")
-    out = {"cls_token": sd.pop("cls_token") + pos[:, :1], "reg_token": sd.pop("register_tokens"),
-           "pos_embed": pos[:, 1:]}
-    out.update(sd)
-    return out
-
-
 def fold_cls_position(sd: dict) -> dict[str, np.ndarray]:
     """Hub dict in canonical form: cls_token + pos_embed[:, 0] and a zero cls position.
 

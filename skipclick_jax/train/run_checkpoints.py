@@ -27,6 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from skipclick_jax import config_lib
+from skipclick_jax.atomic import atomic_write_text
 from skipclick_jax.checkpoint import CorruptCheckpointError, verify_digests, write_digests
 from skipclick_jax.train.state import TrainState, merge_dicts, pick
 
@@ -338,6 +339,4 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
             continue  # a line cut off by a kill
         if row_step <= step:
             keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))
