@@ -336,8 +336,8 @@ def test_device_suite_quick_runs_every_section(tmp_path):
     import json
 
     out = tmp_path / "suite.json"
-    run_python(ROOT / "bench" / "device_suite.py", "--quick", "--time-limit", "900", "--json", out,
-               timeout=1200)
+    proc = run_python(ROOT / "bench" / "device_suite.py", "--quick", "--time-limit", "900", "--json", out,
+                      timeout=1200)
     r = json.loads(out.read_text())
     assert not r["errors"], r["errors"]
     assert r["env"]["backend"] == jax.default_backend() and r["env"]["jax"] == jax.__version__
