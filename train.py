@@ -20,7 +20,7 @@ from absl import app, flags
 
 from skipclick_jax import checkpoint, config_lib, distributed, storage
 from skipclick_jax.runtime import enable_compilation_cache, reuse_large_buffers
-from skipclick_jax.train import checkpointing
+from skipclick_jax.train import run_checkpoints as checkpointing
 from skipclick_jax.train.preemption import Preempted
 from skipclick_jax.train.trainer import train_and_evaluate
 

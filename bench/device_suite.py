@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from skipclick_jax import config_lib  # noqa: E402
-from skipclick_jax.model import build_model, decode_fn, encode_fn  # noqa: E402
+from skipclick_jax.defaults import MASK_THRESHOLD  # noqa: E402
+from skipclick_jax.model import build_model, model_functions  # noqa: E402
 from skipclick_jax.runtime import enable_compilation_cache  # noqa: E402
 
 MB = 2**20
@@ -111,12 +111,6 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _precision_model(base, dtype: str, attention: str = "xla"):
-    model = nnx.clone(base)
-    model.set_precision(dtype, attention)
-    return model
-
-
 # ----------------------------------------------------------------------------- sections
 def env_section() -> dict:
     dev = jax.devices()[0]
@@ -143,8 +137,8 @@ def response_section(base, sizes: Sizes, clock: Clock) -> tuple[list[dict], dict
         clock.require(sizes.reserve_s, f"response {dtype}/{attention}")
         row = dict(dtype=dtype, attention=attention)
         try:
-            graphdef, state = nnx.split(_precision_model(base, dtype, attention))
-            encode, decode = jax.jit(encode_fn(graphdef)), jax.jit(decode_fn(graphdef))
+            fns = model_functions(base, dtype, attention, jit=True)
+            encode, decode, state = fns.encode, fns.decode, fns.params
             with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
                 enc = encode(state, image)
                 out = decode(state, enc, prev, points)
@@ -163,7 +157,8 @@ def agreement_section(logits: dict) -> list[dict]:
     for key, out in logits.items():
         if key == ("float32", "xla") or ref is None:
             continue
-        a, b = ref > np.log(0.49 / 0.51), out > np.log(0.49 / 0.51)
+        cut = np.log(MASK_THRESHOLD / (1 - MASK_THRESHOLD))  # sigmoid(z) > MASK_THRESHOLD <=> z > cut
+        a, b = ref > cut, out > cut
         union = np.sum(a | b)
         rows.append(dict(dtype=key[0], attention=key[1], max_abs=float(np.abs(out - ref).max()),
                          logit_scale=float(np.abs(ref).max()),
@@ -262,14 +257,15 @@ def train_section(cfg, sizes: Sizes, clock: Clock, steps: int) -> list[dict]:
 
 def noc_section(cfg, sizes: Sizes, clock: Clock) -> dict:
     from skipclick_jax import metrics
-    from skipclick_jax.evaluation.engine import Protocol, run_samples, skipclick_predictor
+    from skipclick_jax.evaluation.protocol import Protocol
+    from skipclick_jax.evaluation.scheduler import run_samples
 
     try:
         import eval_speed  # its clicker is convert_weights.torch_noc's (needs torch)
     except ImportError as err:
         return dict(error=f"bench/eval_speed.py cannot be imported ({err}); it needs torch")
     mcfg = cfg.copy_and_resolve_references()
-    predictor = eval_speed.guided_predictor(skipclick_predictor(build_model(mcfg, seed=0)))
+    predictor = eval_speed.guided_predictor(model_functions(build_model(mcfg, seed=0)))
     protocol = Protocol(size=sizes.noc_size, max_clicks=sizes.noc_clicks, target_iou=1.01)
     samples = eval_speed.make_samples(sizes.noc_images)
     out = dict(images=len(samples), size=sizes.noc_size, max_clicks=sizes.noc_clicks, rows=[])

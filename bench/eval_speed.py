@@ -41,16 +41,9 @@ import numpy as np
 
 from convert_weights.clicker import next_click
 from skipclick_jax import config_lib, metrics, resize
-from skipclick_jax.evaluation.engine import (
-    Predictor,
-    Protocol,
-    bucket_dim,
-    default_batch_size,
-    make_batch,
-    make_runner,
-    run_samples,
-    skipclick_predictor,
-)
+from skipclick_jax.evaluation.protocol import Protocol, make_runner
+from skipclick_jax.evaluation.scheduler import bucket_dim, default_batch_size, make_batch, run_samples
+from skipclick_jax.model.api import ModelFunctions, model_functions
 from skipclick_jax.model import build_model
 from skipclick_jax.runtime import versions_line
 
@@ -95,7 +88,7 @@ def make_samples(n: int, seed: int = 0, instances: int = 1) -> list[dict]:
     return samples
 
 
-def guided_predictor(net: Predictor, instances: int = 1) -> Predictor:
+def guided_predictor(net: ModelFunctions, instances: int = 1) -> ModelFunctions:
     """The network's encode/decode plus an oracle reading the gt hidden in the image (see
     `make_samples`). With several instances per image the oracle takes its target from the first
     click (always positive, inside the object): the label and contrast under it."""
@@ -117,7 +110,7 @@ def guided_predictor(net: Predictor, instances: int = 1) -> Predictor:
             oracle = 2.0 * clicks * contrast * jnp.where(inside, 1.0, -1.0) + (image[..., 1] - 0.5)
         return oracle + 0.05 * net.decode(params, enc["net"], prev, points, point_denom)
 
-    return Predictor(encode, decode, net.params)
+    return ModelFunctions(encode, decode, net.params)
 
 
 @jax.jit
@@ -202,7 +195,7 @@ def _median_s(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def network_times(predictor: Predictor, s: int, batch: int, points_per_polarity: int) -> dict[str, float]:
+def network_times(predictor: ModelFunctions, s: int, batch: int, points_per_polarity: int) -> dict[str, float]:
     """Seconds per image: T_full (whole network on image + flip, the per-sample loop's click),
     T_enc (encode of image + flip) and T_dec (decode of both), the last two at the engine's batch."""
     images = jax.random.uniform(jax.random.key(0), (batch, s, s, 3))
@@ -248,7 +241,7 @@ def main():
     args = parser.parse_args()
 
     cfg = config_lib.tiny_model_config() if args.model == "tiny" else config_lib.model_config()
-    predictor = guided_predictor(skipclick_predictor(build_model(cfg, seed=0)), args.instances)
+    predictor = guided_predictor(model_functions(build_model(cfg, seed=0)), args.instances)
     protocol = Protocol(size=args.size, max_clicks=args.clicks, target_iou=1.01 if args.all_clicks else 0.95)
     samples = make_samples(args.images, instances=args.instances)
     batch = args.batch or default_batch_size()

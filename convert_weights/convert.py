@@ -19,6 +19,7 @@ import tempfile
 import ml_collections
 
 from skipclick_jax import storage
+from skipclick_jax.atomic import atomic_write
 from skipclick_jax.weights import CheckpointError, mapping
 from skipclick_jax.weights.importer import (  # noqa: F401  (re-exported for the parity layer)
     CONFIG_KEY, FORMATS, backbone_params, export_state_dict, import_weights, model_section,
@@ -29,26 +30,15 @@ EXPORT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def _atomic_write(path, write) -> None:
-    """`write(tmp)` fills a file beside `path` that then replaces it; a gs:// `path` is written
-    locally and uploaded as one object (complete or absent)."""
+    """`write(tmp)` fills a file beside `path` that then replaces it (`atomic.atomic_write`); a
+    gs:// `path` is written locally and uploaded as one object (complete or absent)."""
     if storage.is_remote(path):
         with tempfile.TemporaryDirectory(prefix="skipclick-export-") as tmp:
             local = pathlib.Path(tmp) / path.name
-            write(str(local))
+            write(local)
             storage.write_atomic(path, local.read_bytes())
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes 0600)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def export_weights(model, cfg: ml_collections.ConfigDict, path: str | os.PathLike) -> pathlib.Path:
@@ -62,7 +52,7 @@ def export_weights(model, cfg: ml_collections.ConfigDict, path: str | os.PathLik
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={CONFIG_KEY: config_to_json(cfg)}))
+        _atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={CONFIG_KEY: config_to_json(cfg)}))
     elif path.suffix in (".pth", ".pt"):
         import torch
 

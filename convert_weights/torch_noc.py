@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from convert_weights.clicker import next_click
+from skipclick_jax.defaults import MASK_THRESHOLD
 
 
 def points_nd(clicks: list[tuple[int, int, bool]], size: int, height: int, width: int,
@@ -48,7 +49,7 @@ def predict(model, image: torch.Tensor, prev: torch.Tensor, clicks, size: int, f
 
 
 def noc_loop(model, image: np.ndarray, gt: np.ndarray, size: int = 448, max_clicks: int = 20,
-             target_iou: float = 0.95, thresh: float = 0.49, flip: bool = True
+             target_iou: float = 0.95, thresh: float = MASK_THRESHOLD, flip: bool = True
              ) -> tuple[list[list], list[float]]:
     """One sample: image [H,W,3] uint8 (or float in [0,1]), gt [H,W] {0, 1, -1} -> (clicks
     [[row, col, is_positive], ...], IoU after each click)."""

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from convert_weights.tolerances import table_for, tolerance
+from skipclick_jax.defaults import MASK_THRESHOLD
 
-MASK_THRESHOLD = 0.49
 STAGE_ORDER = ("taps", "fused", "click_embed", "encoder_out", "pyramid", "head_logits", "logits")
 
 

@@ -15,15 +15,12 @@ a `CorruptCheckpointError` naming it, never loaded. train.py steps carry the sam
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import pathlib
-import shutil
 import tempfile
-from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -31,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from skipclick_jax import config_lib, storage
+from skipclick_jax.atomic import atomic_directory
 from skipclick_jax.model import SkipClick, build_model
 from skipclick_jax.weights import CheckpointError
 from skipclick_jax.weights.importer import import_weights, model_section
@@ -96,28 +94,6 @@ def verify_digests(directory: str | os.PathLike, under: str | None = None) -> No
 
 def _size(path) -> int:
     return path.stat().length if storage.is_remote(path) else path.stat().st_size
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yields a new directory beside `path` to fill; when the block ends without error it takes
-    `path`'s place (an existing `path` is moved aside first and removed only after), so `path` is
-    always either its old self or complete. On error the new directory is removed, `path` untouched."""
-    path = pathlib.Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o755)
-    old = None
-    try:
-        yield tmp
-        if path.exists():
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def save(path: str | os.PathLike, model: SkipClick, config: ml_collections.ConfigDict, *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from skipclick_jax.defaults import MASK_THRESHOLD
 from skipclick_jax.edt import chamfer5, edt
 
 CLICK_DISTANCES = ("chamfer5", "exact")
@@ -47,7 +48,7 @@ def train_next_points(
     gt: jax.Array,
     points: jax.Array,
     click_index: int | jax.Array,
-    thresh: float = 0.49,
+    thresh: float = MASK_THRESHOLD,
     distance: str = "chamfer5",
 ) -> jax.Array:
     """The training clicker (`get_next_points`): a random deep error pixel written to a fixed slot.

@@ -18,6 +18,8 @@ import pathlib
 
 import ml_collections
 
+from skipclick_jax.defaults import UPSAMPLE_FACTOR
+
 DINOV2_VITB14_REG4 = dict(
     kind="dinov2", dim=768, depth=12, heads=12, patch=14, num_registers=4, pos_grid=37, mlp_ratio=4
 )
@@ -83,8 +85,8 @@ def tiny_model_config(backbone: str = "dinov2") -> ml_collections.ConfigDict:
 
 def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A full experiment config around `model` with the paper's training and eval recipe."""
-    from skipclick_jax.evaluation.defaults import eval_defaults
-    from skipclick_jax.train.defaults import data_defaults, train_defaults
+    from skipclick_jax.defaults.evaluation import eval_defaults
+    from skipclick_jax.defaults.train import data_defaults, train_defaults
 
     return ml_collections.ConfigDict(
         dict(model=model, train=train_defaults(), data=data_defaults(), eval=eval_defaults())
@@ -279,7 +281,7 @@ def validate_model_config(m: ml_collections.ConfigDict, prefix: str = "model") -
         _check(m.crop_size % m.backbone.patch == 0, f"{prefix}.crop_size", m.crop_size,
                f"expected a multiple of the patch size {m.backbone.patch}")
     if "head" in m and "upsample" in m.head:
-        factors = {"x1": 1, "x2": 2, "x4": 4}
+        factors = UPSAMPLE_FACTOR
         _check(m.head.upsample in factors, f"{prefix}.head.upsample", m.head.upsample,
                f"expected one of {sorted(factors)}")
         e = m.head.get("embed_dim")
@@ -292,7 +294,7 @@ def validate_model_config(m: ml_collections.ConfigDict, prefix: str = "model") -
 
 
 def validate_eval_config(e: ml_collections.ConfigDict, prefix: str = "eval") -> None:
-    """Checks the NoC protocol values (`evaluation.defaults.eval_defaults`)."""
+    """Checks the NoC protocol values (`defaults.evaluation.eval_defaults`)."""
     def need(key, ok, want):
         if key in e:
             _check(ok(e[key]), f"{prefix}.{key}", e[key], want)
@@ -323,7 +325,7 @@ def _unknown_keys(node, reference, prefix: str) -> None:
 
 
 def _profile_ok(v) -> bool:
-    from skipclick_jax.train.defaults import profile_range
+    from skipclick_jax.defaults.train import profile_range
 
     try:
         profile_range(v)
@@ -341,8 +343,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     from skipclick_jax.data.eval_datasets import EVAL_DATASETS
     from skipclick_jax.data.synthetic import SyntheticConfig
     from skipclick_jax.data.train_datasets import TRAIN_DATASETS, TRAIN_SPLITS
-    from skipclick_jax.evaluation.defaults import eval_defaults
-    from skipclick_jax.train.defaults import data_defaults, train_defaults
+    from skipclick_jax.defaults.evaluation import eval_defaults
+    from skipclick_jax.defaults.train import data_defaults, train_defaults
 
     for section in ("model", "train", "data", "eval"):
         if section not in cfg:

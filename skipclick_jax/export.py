@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from skipclick_jax import config_lib
-from skipclick_jax.checkpoint import atomic_directory
-from skipclick_jax.model import SkipClick, layers
+from skipclick_jax.atomic import atomic_directory
+from skipclick_jax.model import SkipClick, layers, model_functions
 from skipclick_jax.model.skipclick import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("onnx", "stablehlo")
@@ -45,20 +45,19 @@ class ExportError(RuntimeError):
 
 def graph_functions(model: SkipClick, size: int):
     """(encoder, decoder, encoding names): flat-argument functions of the model's split."""
-    graphdef, state = nnx.split(model)
+    fns = model_functions(model)
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    n_skips = len(jax.eval_shape(lambda x: nnx.merge(graphdef, state).encode_image(x), images)["skips"])
+    n_skips = len(jax.eval_shape(lambda x: fns.encode(fns.params, x), images)["skips"])
     names = ["fused"] + [f"skip_{i}" for i in range(n_skips)]
 
     def encoder(images):
-        enc = nnx.merge(graphdef, state).encode_image(images)
+        enc = fns.encode(fns.params, images)
         return (enc["fused"], *enc["skips"])
 
     def decoder(*args):
         fused, skips = args[0], tuple(args[1:1 + n_skips])
         prev_prob, points, point_denom = args[1 + n_skips:]
-        return nnx.merge(graphdef, state).decode_clicks(
-            {"fused": fused, "skips": skips}, prev_prob, points, point_denom)
+        return fns.decode(fns.params, {"fused": fused, "skips": skips}, prev_prob, points, point_denom)
 
     return encoder, decoder, names
 

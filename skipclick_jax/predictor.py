@@ -236,18 +236,15 @@ class Predictor(_ClickSession):
         float32 checkpoint in bfloat16 on an accelerator."""
         import jax
         import jax.numpy as jnp
-        from flax import nnx
 
-        from skipclick_jax.model import decode_fn, encode_fn
+        from skipclick_jax.model.api import model_functions
 
-        if dtype or attention:
-            model = nnx.clone(model)
-            model.set_precision(dtype, attention)
-        graphdef, self._state = nnx.split(model)
+        fns = model_functions(model, dtype, attention)
+        self._state = fns.params
         self.size = (model.backbone_mix.pos_grid * model.patch if size is None
                      else check_size(size, model.patch))
         s = self.size
-        encode, decode = encode_fn(graphdef), decode_fn(graphdef)
+        encode, decode = fns.encode, fns.decode
         try:  # shapes only: a size the network cannot take fails here, not in set_image
             enc = jax.eval_shape(encode, self._state, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
             jax.eval_shape(decode, self._state, enc, jax.ShapeDtypeStruct((1, s, s), jnp.float32),

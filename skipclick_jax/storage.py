@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator
 
 from etils import epath
 
+from skipclick_jax.atomic import atomic_write
+
 __all__ = ["StorageError", "as_path", "is_remote", "write_atomic", "list_files", "copy_tree",
            "staged_output", "local_file", "create_only", "delete_if_generation", "generation",
            "check_access", "remove_tree", "move_tree"]
@@ -88,17 +90,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> pathlib.Path | e
     if is_remote(path):
         path.write_bytes(data)  # one object upload: visible only once complete
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
 
 

@@ -8,7 +8,6 @@ Set SKIPCLICK_APP_SCREENSHOT=docs/app.png to save the README's screenshot.
 import io
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -25,8 +24,8 @@ pytest.importorskip("starlette", reason="the app needs the 'app' extra (starlett
 pytest.importorskip("uvicorn", reason="the app needs the 'app' extra (starlette, uvicorn)")
 
 import tiny_trained
+from tests.helpers import ROOT
 
-ROOT = pathlib.Path(__file__).parents[1]
 EXAMPLE = ROOT / "skipclick_jax" / "assets" / "demo.png"
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

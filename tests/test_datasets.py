@@ -21,8 +21,8 @@ from skipclick_jax.data import (
     load_train_source,
     synthetic_sample,
 )
-from skipclick_jax.data import testing as fx
 from skipclick_jax.data.folder_datasets import HQSEG_SUBSETS, LayoutError
+from tests import fixtures_data as fx
 
 SYNTH = SyntheticConfig(image_size=(48, 64), num_train=4, num_val=3)
 
@@ -297,7 +297,7 @@ def test_tensorflow_is_never_imported(tmp_path):
 
     script = textwrap.dedent(f"""
         import sys
-        from skipclick_jax.data import testing
+        from tests import fixtures_data as testing
         from skipclick_jax.data.eval_datasets import load_eval_dataset
         root = testing.write_grabcut({str(tmp_path / "GrabCut")!r})
         samples = list(load_eval_dataset("GrabCut", root, {str(tmp_path / "tfds")!r}))

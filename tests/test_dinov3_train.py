@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,10 +16,9 @@ from flax import nnx
 from skipclick_jax import config_lib
 from skipclick_jax.model import build_model
 from skipclick_jax.train import optim, state as state_lib, step as step_lib
-from skipclick_jax.train.defaults import train_defaults
+from skipclick_jax.defaults.train import train_defaults
 from skipclick_jax.weights.mapping import flatten
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_python
 
 
 def small_dinov3(crop: int = 64):
@@ -128,9 +124,7 @@ def test_train_py_trains_test_tiny_dinov3(tmp_path):
         (out / "report.json").write_text(json.dumps(report))
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_python("-c", script, env=env, timeout=1500)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["kind"] == "DinoV3"
     assert len(report["losses"]) == 3 and all(np.isfinite(report["losses"]))

@@ -9,8 +9,8 @@ import pytest
 
 from skipclick_jax import config_lib, metrics
 from skipclick_jax.evaluation import cli as eval_cli
-from skipclick_jax.evaluation.defaults import eval_defaults, size_for
-from skipclick_jax.evaluation.engine import run_samples
+from skipclick_jax.defaults.evaluation import eval_defaults, size_for
+from skipclick_jax.evaluation.scheduler import run_samples
 from skipclick_jax.evaluation.evaluate import evaluate
 from tests.test_eval_engine import FLIP, PREDICTOR, SIZES, make_sample
 
@@ -91,8 +91,8 @@ def test_eval_main_flags(tmp_path, monkeypatch, flags):
     import ml_collections
 
     from skipclick_jax import checkpoint
-    from skipclick_jax.data import testing
-    from skipclick_jax.evaluation.engine import Predictor
+    from tests import fixtures_data as testing
+    from skipclick_jax.model.api import ModelFunctions
     from tests.test_eval_engine import oracle_decode, oracle_encode
 
     encoded = []
@@ -101,7 +101,7 @@ def test_eval_main_flags(tmp_path, monkeypatch, flags):
         jax.debug.callback(lambda n: encoded.append(int(n)), images.shape[0])
         return oracle_encode(params, images)
 
-    predictor = Predictor(counting_encode, oracle_decode, PREDICTOR.params)
+    predictor = ModelFunctions(counting_encode, oracle_decode, PREDICTOR.params)
     cfg = ml_collections.ConfigDict({"eval": flip_config()})
     cfg.eval.update(max_clicks=4, overlays=0)
     monkeypatch.setattr(checkpoint, "load", lambda path, config=None: (predictor, cfg))
@@ -123,7 +123,7 @@ def test_eval_main_flags(tmp_path, monkeypatch, flags):
 @pytest.mark.slow
 def test_eval_main_end_to_end(tmp_path):
     from skipclick_jax import checkpoint, config_lib
-    from skipclick_jax.data import testing
+    from tests import fixtures_data as testing
     from skipclick_jax.model import build_model
 
     cfg = config_lib.base_config(config_lib.tiny_model_config())

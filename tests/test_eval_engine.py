@@ -13,15 +13,9 @@ import pytest
 from scipy import ndimage
 
 from skipclick_jax import metrics, resize
-from skipclick_jax.evaluation.engine import (
-    Predictor,
-    Protocol,
-    bucket_dim,
-    default_batch_size,
-    make_batch,
-    make_runner,
-    run_samples,
-)
+from skipclick_jax.evaluation.protocol import Protocol, make_runner
+from skipclick_jax.evaluation.scheduler import bucket_dim, default_batch_size, make_batch, run_samples
+from skipclick_jax.model.api import ModelFunctions
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
 
@@ -48,7 +42,7 @@ def oracle_decode(params, enc, prev, points, point_denom):
             + 2.0 * (prev - 0.5) + 4.0 * pos - 4.0 * neg)
 
 
-PREDICTOR = Predictor(oracle_encode, oracle_decode, {"a": jnp.float32(3.0), "b": jnp.float32(2.5)})
+PREDICTOR = ModelFunctions(oracle_encode, oracle_decode, {"a": jnp.float32(3.0), "b": jnp.float32(2.5)})
 
 
 def make_sample(rng, h, w, i):
@@ -159,7 +153,7 @@ def test_sharded_engine_equals_single_device(flip_results):
         import json, numpy as np, jax
         assert jax.device_count() == 8
         from tests.test_eval_engine import FLIP, MIXED, PREDICTOR, SIZES, make_sample, mixed_samples
-        from skipclick_jax.evaluation.engine import run_samples
+        from skipclick_jax.evaluation.scheduler import run_samples
         rng = np.random.default_rng(0)
         samples = [make_sample(rng, h, w, i) for i, (h, w) in enumerate(SIZES)]
         res = run_samples(PREDICTOR, samples, FLIP, batch_size=3, bucket=48)  # one batch of 8
@@ -248,7 +242,7 @@ def test_instances_of_one_image_share_its_encoding(batch_size):
         jax.debug.callback(lambda n: encoded.append(int(n)), images.shape[0])
         return oracle_encode(params, images)
 
-    predictor = Predictor(counting_encode, oracle_decode, PREDICTOR.params)
+    predictor = ModelFunctions(counting_encode, oracle_decode, PREDICTOR.params)
     samples = multi_instance_samples()
     results = run_samples(predictor, samples, MIXED, batch_size=batch_size, bucket=48)
     jax.effects_barrier()
@@ -270,9 +264,9 @@ def test_protocol_errors():
 
 @pytest.mark.slow
 def test_skipclick_adapter_matches_reference_loop(samples, tiny_model):
-    from skipclick_jax.evaluation.engine import skipclick_predictor
+    from skipclick_jax.model.api import model_functions
 
-    predictor = skipclick_predictor(tiny_model)
+    predictor = model_functions(tiny_model)
     protocol = Protocol(size=28, max_clicks=3)
     results = run_samples(predictor, samples[:2], protocol, batch_size=2, bucket=48)
     for sample, res in zip(samples[:2], results):
@@ -282,7 +276,7 @@ def test_skipclick_adapter_matches_reference_loop(samples, tiny_model):
 
 
 def test_iou_target_test_is_exact_without_overflow():
-    from skipclick_jax.evaluation.engine import _at_least
+    from skipclick_jax.evaluation.protocol import _at_least
 
     rng = np.random.default_rng(0)
     union = np.concatenate([rng.integers(1, 10**9, 5000), rng.integers(1, 300, 5000)])

@@ -17,7 +17,9 @@ from convert_weights import torch_noc, verify  # noqa: E402
 from convert_weights.torch_reference import build_reference  # noqa: E402
 from skipclick_jax import metrics  # noqa: E402
 from skipclick_jax.config_lib import tiny_model_config  # noqa: E402
-from skipclick_jax.evaluation.engine import Protocol, run_samples, skipclick_predictor  # noqa: E402
+from skipclick_jax.evaluation.protocol import Protocol  # noqa: E402
+from skipclick_jax.evaluation.scheduler import run_samples  # noqa: E402
+from skipclick_jax.model.api import model_functions  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
 
@@ -77,7 +79,7 @@ def test_engine_reproduces_the_original_loop(models, flip, batch_size, bucket):
     ref, model = models
     protocol = Protocol(size=56, max_clicks=6, flip=flip)
     samples = with_instances(make_samples()) if flip else make_samples()
-    results = run_samples(skipclick_predictor(model), samples, protocol, batch_size=batch_size,
+    results = run_samples(model_functions(model), samples, protocol, batch_size=batch_size,
                           bucket=bucket)
     assert [r["id"] for r in results] == [s["id"] for s in samples]
     all_ious, polarities = [], set()

@@ -8,9 +8,6 @@ slope 1/4), thresholded masks identical. The model is `test_tiny` briefly traine
 """
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +19,8 @@ from PIL import Image
 from skipclick_jax import export as export_lib
 from skipclick_jax import resize
 from skipclick_jax.predictor import Predictor, encode_points
+from tests.helpers import ROOT, run_python
 
-ROOT = pathlib.Path(__file__).parents[1]
 EXAMPLE = ROOT / "skipclick_jax" / "assets" / "demo.png"  # 336x448: not square
 # Positive and negative clicks on the example's blue disc and red ellipse, and background.
 CLICKS = [(120, 320, True), (150, 280, False), (60, 300, True), (170, 150, True), (100, 40, False),
@@ -147,9 +144,8 @@ loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', '
 assert not loaded, loaded
 print('ok')
 """
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         check=False)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    out = run_python("-c", script, timeout=300)
+    assert out.stdout.strip() == "ok", out.stdout[-3000:]
 
 
 @needs_onnx

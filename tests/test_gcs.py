@@ -81,7 +81,7 @@ def _run_child(out: pathlib.Path, bucket: str) -> None:
     from skipclick_jax.data.synthetic import SyntheticConfig
     from skipclick_jax.data.train_datasets import load_train_source
     from skipclick_jax.evaluation import cli as eval_cli
-    from skipclick_jax.train import checkpointing, trainer
+    from skipclick_jax.train import run_checkpoints as checkpointing, trainer
 
     from skipclick_jax.runtime import enable_compilation_cache
 

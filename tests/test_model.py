@@ -11,10 +11,10 @@ from flax import nnx
 
 from skipclick_jax import config_lib
 from skipclick_jax.model import build_model, decode_fn, disk_maps, encode_fn, param_counts
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # docs/design/model.md#parameter-counts: totals and per-module counts of the original PyTorch models.
 EXPECTED_TOTALS = {

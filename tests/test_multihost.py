@@ -24,7 +24,8 @@ import time
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import FAST_COMPILE_XLA_FLAGS, ROOT
+
 STEPS, EVERY = 6, 2
 LAUNCH_TIMEOUT_S = 480  # hard limit per launch (all its processes)
 # The coordination service (inside process 0) declares a peer dead when its last recorded
@@ -32,8 +33,6 @@ LAUNCH_TIMEOUT_S = 480  # hard limit per launch (all its processes)
 # starved, loaded machine) longer than about HEARTBEAT_S / 2 already reads as a dead, healthy
 # peer: with 10 s, 6-9 s of starvation aborted both processes (docs/training.md).
 HEARTBEAT_S = 60
-# Cheaper LLVM passes: these runs are compile-bound and run only a few tiny steps.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _free_port() -> int:
@@ -60,7 +59,7 @@ class Launch:
     def __init__(self, args: list[str], nproc: int, logs: pathlib.Path, heartbeat: int = HEARTBEAT_S):
         port = _free_port()
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}")
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}")
         self.logs = [logs.with_name(f"{logs.name}.p{i}.log") for i in range(nproc)]
         self.procs = []
         for i, log in enumerate(self.logs):

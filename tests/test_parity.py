@@ -9,7 +9,7 @@ threshold.
 
 The norm-sensitive case (`tests/norm_sensitive.py`) gives every LayerNorm and GroupNorm an input
 of variance 2·eps and mean 300 std, so the norms' eps, their variance formula and their affine
-move the output far above float32 noise. Bugs injected into the JAX side (`tests/inject_bugs.py`:
+move the output far above float32 noise. Bugs injected into the JAX side (`tools/inject_bugs.py`:
 in-process source patches) and the first failing stage, error / abs tolerance:
 
   bug                                   test_tiny_every_stage       test_norm_sensitive_*
@@ -39,7 +39,7 @@ in-process source patches) and the first failing stage, error / abs tolerance:
 So the eps bugs need the norm-sensitive case (or fail at ~1-2x in the plain one) and the GELU
 and concat bugs the plain one; together they catch each. The eval-side bugs (flip of the logits,
 prev mask or image missing; flipped column off by one; eval resizes' align_corners) are in
-`python tests/inject_bugs.py eval` against tests/test_eval_parity.py's case, not yet confirmed.
+`python tools/inject_bugs.py eval` against tests/test_eval_parity.py's case, not yet confirmed.
 """
 
 from __future__ import annotations

@@ -21,9 +21,11 @@ import pytest
 from flax import nnx
 
 from skipclick_jax import config_lib
+from skipclick_jax.defaults import MASK_THRESHOLD
 from skipclick_jax.model import SkipClick, build_model, layers
 from skipclick_jax.train import optim, state as state_lib
 from skipclick_jax.train.loss import normalized_focal_loss
+from tests.helpers import ROOT, run_python
 
 BF16_LOGIT_TOL = 0.05  # relative to max(1, |logits|)
 BF16_MASK_AGREEMENT = 0.995
@@ -202,7 +204,8 @@ def _check_bfloat16_agrees(model, sizes):
         assert np.isfinite(b).all()
         scale = max(1.0, float(np.abs(a).max()))
         assert np.abs(a - b).max() <= BF16_LOGIT_TOL * scale, (size, np.abs(a - b).max(), scale)
-        agree = np.mean((a > np.log(0.49 / 0.51)) == (b > np.log(0.49 / 0.51)))
+        cut = np.log(MASK_THRESHOLD / (1 - MASK_THRESHOLD))
+        agree = np.mean((a > cut) == (b > cut))
         assert agree >= BF16_MASK_AGREEMENT, (size, agree)
 
 
@@ -241,10 +244,10 @@ def test_switching_back_to_float32_is_exact(tiny_random):
 
 
 def test_eval_predictors_take_a_dtype(tiny_model):
-    from skipclick_jax.evaluation.engine import skipclick_predictor
+    from skipclick_jax.model.api import model_functions
     from skipclick_jax.predictor import Predictor
 
-    pred = skipclick_predictor(tiny_model, "bfloat16")
+    pred = model_functions(tiny_model, "bfloat16")
     images = jax.ShapeDtypeStruct((2, 112, 112, 3), jnp.float32)
     enc = jax.eval_shape(pred.encode, pred.params, images)
     assert enc["fused"].dtype == jnp.bfloat16 and all(s.dtype == jnp.bfloat16 for s in enc["skips"])
@@ -331,16 +334,10 @@ def test_mu_dtype_keeps_the_first_moment_in_bfloat16():
 def test_device_suite_quick_runs_every_section(tmp_path):
     """`bench/device_suite.py --quick`: the accelerator benchmark's code at tiny sizes, one process."""
     import json
-    import pathlib
-    import subprocess
-    import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
     out = tmp_path / "suite.json"
-    proc = subprocess.run([sys.executable, str(root / "bench" / "device_suite.py"), "--quick",
-                           "--time-limit", "900", "--json", str(out)],
-                          capture_output=True, text=True, timeout=1200, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python(ROOT / "bench" / "device_suite.py", "--quick", "--time-limit", "900", "--json", out,
+                      timeout=1200)
     r = json.loads(out.read_text())
     assert not r["errors"], r["errors"]
     assert r["env"]["backend"] == jax.default_backend() and r["env"]["jax"] == jax.__version__

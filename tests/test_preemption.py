@@ -309,7 +309,7 @@ def test_profile_range_and_peak_table():
     import jax
     import jax.numpy as jnp
 
-    from skipclick_jax.train.defaults import profile_range
+    from skipclick_jax.defaults.train import profile_range
     from skipclick_jax.train.timing import peak_tflops, step_flops
 
     assert profile_range("") is None and profile_range("20:25") == (20, 25)

@@ -5,7 +5,6 @@ both succeed with the same records."""
 from __future__ import annotations
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,11 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from skipclick_jax.data import builders, testing
+from skipclick_jax.data import builders
 from skipclick_jax.data.eval_datasets import load_eval_dataset
 from skipclick_jax.data.folder_datasets import LayoutError
+from tests import fixtures_data as testing
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _gts(ds) -> list[np.ndarray]:

@@ -15,28 +15,20 @@ import pytest
 from skipclick_jax import checkpoint, config_lib
 from skipclick_jax.images import as_float_image
 from skipclick_jax.weights import CheckpointError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def small_config():
-    cfg = config_lib.base_config(config_lib.tiny_model_config())
-    cfg.model.crop_size = 56
-    cfg.model.backbone.update(depth=4, taps=(0, 1, 2, 3))
-    return cfg
+from tests.helpers import ROOT, small_model_config
 
 
 @pytest.fixture(scope="module")
 def small_model():
     from skipclick_jax.model import build_model
 
-    return build_model(small_config().model, seed=0)
+    return build_model(small_model_config().model, seed=0)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, small_model):
     path = tmp_path_factory.mktemp("ckpt") / "model"
-    checkpoint.save(path, small_model, small_config())
+    checkpoint.save(path, small_model, small_model_config())
     return path
 
 
@@ -103,7 +95,7 @@ def test_corrupt_config_json_is_named(saved, tmp_path, content):
 def test_save_refuses_to_overwrite_and_keeps_the_original(saved, small_model):
     before = (saved / checkpoint.DIGESTS).read_bytes()
     with pytest.raises(FileExistsError):
-        checkpoint.save(saved, small_model, small_config())
+        checkpoint.save(saved, small_model, small_model_config())
     assert (saved / checkpoint.DIGESTS).read_bytes() == before
 
 
@@ -126,7 +118,7 @@ def test_save_refuses_to_overwrite_and_keeps_the_original(saved, small_model):
     (lambda c: c.eval.sizes.update(DAVIS=0), r"eval.sizes.DAVIS=0"),
 ])
 def test_config_values_refused_naming_key_and_value(change, message):
-    cfg = small_config()
+    cfg = small_model_config()
     config_lib.validate_config(cfg)
     change(cfg)
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -142,7 +134,7 @@ def test_config_argument_suffix_works_everywhere():
 
 
 def test_config_diff_names_the_keys():
-    a, b = small_config(), small_config()
+    a, b = small_model_config(), small_model_config()
     b.model.head.embed_dim = 32
     b.train.seed = 3
     assert config_lib.config_diff(a, b) == [("model.head.embed_dim", 64, 32), ("train.seed", 0, 3)]
@@ -181,7 +173,7 @@ def test_nan_and_inf_pixels_are_refused():
 
 
 def test_predictor_and_engine_refuse_wrongly_scaled_images(small_model):
-    from skipclick_jax.evaluation import engine
+    from skipclick_jax.evaluation import protocol, scheduler
     from skipclick_jax.predictor import Predictor
 
     predictor = Predictor(small_model, size=56)
@@ -191,7 +183,7 @@ def test_predictor_and_engine_refuse_wrongly_scaled_images(small_model):
         predictor.set_image(np.zeros((20, 30, 3), np.uint16))
     sample = dict(id="x#0", image=np.full((8, 8, 3), 3.0), gt=np.zeros((8, 8), np.int32))
     with pytest.raises(ValueError, match=r"sample 'x#0': image has values in \[3, 3\]"):
-        engine.make_batch([sample], engine.Protocol(size=28, max_clicks=1), (8, 8), 1)
+        scheduler.make_batch([sample], protocol.Protocol(size=28, max_clicks=1), (8, 8), 1)
 
 
 # ----------------------------------------------------------------------------- hostile .pth files
@@ -257,7 +249,7 @@ def test_implausible_total_and_non_storage_are_refused(tmp_path):
     text = tmp_path / "weights.npz"
     text.write_text("not an archive")
     with pytest.raises(CheckpointError, match=f"{text}: not a torch checkpoint"):
-        checkpoint.load(text, small_config())
+        checkpoint.load(text, small_model_config())
 
 
 # ----------------------------------------------------------------------------- eval.py arguments

@@ -23,20 +23,11 @@ import time
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, fast_compile_env, run_python, small_train_config
 
 
 def small_config(data_dir: str):
-    from skipclick_jax import config_lib
-
-    cfg = config_lib.load_config_file(ROOT / "configs" / "tiny_synthetic.py")
-    cfg.model.crop_size = 56
-    cfg.model.backbone.update(depth=4, taps=(0, 1, 2, 3))
-    cfg.train.update(batch_size=4, num_steps=3, checkpoint_every_steps=1, keep_checkpoints=10,
-                     log_every_steps=1, image_summary_every_steps=0, eval_untrained=False)
-    cfg.data.update(epoch_len=64, data_dir=data_dir, eval_datasets=())
-    cfg.data.synthetic.update(image_size=(56, 56), num_train=16, num_val=2)
-    return cfg
+    return small_train_config(data_dir, num_steps=3, num_val=2)
 
 
 def _tree(path: pathlib.Path) -> dict[str, tuple[int, int]]:
@@ -67,7 +58,7 @@ def _outcome(fn) -> str | None:
 
 def _run_child(out: pathlib.Path) -> None:
     from skipclick_jax.evaluation import cli as eval_cli
-    from skipclick_jax.train import checkpointing, trainer as train
+    from skipclick_jax.train import run_checkpoints as checkpointing, trainer as train
 
     logging.basicConfig(level=logging.WARNING)
     cfg = small_config(str(out / "tfds"))
@@ -150,13 +141,8 @@ def _run_child(out: pathlib.Path) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("reliability_train")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
-               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    env = fast_compile_env(out / "jax_cache")
+    proc = run_python(__file__, out, env=env, timeout=900)
     rep = json.loads((out / "report.json").read_text())
     rep["stderr"], rep["out"] = proc.stderr, str(out)
     return rep
@@ -221,18 +207,17 @@ def test_train_cli_exit_code_and_message(report):
     """The command line: a changed config in the used workdir -> exit 1, the message, no traceback."""
     a = pathlib.Path(report["out"]) / "a"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.py"),
-                           "--workdir", str(a)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    proc = run_python(ROOT / "train.py", "--config", ROOT / "configs" / "tiny_synthetic.py", "--workdir", a,
+                      env=env, timeout=300, returncode=1)
     assert "train.py: error:" in proc.stderr and "model.crop_size: 56 in the run, 112 now" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- in this process
 def test_lock_held_by_another_process_and_stale_lock(tmp_path, caplog):
-    from skipclick_jax.train.checkpointing import WorkdirError, WorkdirLock
+    from skipclick_jax.train.run_checkpoints import WorkdirError, WorkdirLock
 
-    code = ("import sys, time; from skipclick_jax.train.checkpointing import WorkdirLock; "
+    code = ("import sys, time; from skipclick_jax.train.run_checkpoints import WorkdirLock; "
             "WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                               cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -265,7 +250,7 @@ def test_failed_save_stops_at_once_and_keeps_earlier_steps(tmp_path):
     import jax.numpy as jnp
 
     from skipclick_jax import checkpoint
-    from skipclick_jax.train.checkpointing import Checkpointer, CheckpointSaveError
+    from skipclick_jax.train.run_checkpoints import Checkpointer, CheckpointSaveError
     from skipclick_jax.train.state import TrainState
 
     class Iterator:

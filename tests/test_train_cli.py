@@ -5,24 +5,19 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from skipclick_jax import config_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_python
 
 
 def _train(workdir: pathlib.Path, *overrides: str, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny_synthetic.py"),
-           "--workdir", str(workdir), *overrides]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    return run_python(ROOT / "train.py", "--config", ROOT / "configs" / "tiny_synthetic.py",
+                      "--workdir", workdir, *overrides, env=env, timeout=timeout)
 
 
 def test_cli_overrides_reach_the_run(tmp_path):

@@ -15,10 +15,10 @@ from skipclick_jax import config_lib
 from skipclick_jax.model import build_model
 from skipclick_jax.model.skipclick import SkipClick
 from skipclick_jax.train import optim, state as st, step as sp
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP, BATCH = 56, 2
 
 

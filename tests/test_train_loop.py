@@ -10,29 +10,18 @@ run reuses the first run's executable); the tests assert on its JSON report.
 
 import json
 import logging
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import fast_compile_env, run_python, small_train_config
 
 
 def small_config(data_dir: str):
-    from skipclick_jax import config_lib
-
-    cfg = config_lib.load_config_file(ROOT / "configs" / "tiny_synthetic.py")
-    cfg.model.crop_size = 56
-    cfg.model.backbone.update(depth=4, taps=(0, 1, 2, 3))
-    cfg.train.update(batch_size=4, num_steps=4, checkpoint_every_steps=1, keep_checkpoints=10,
-                     log_every_steps=1, image_summary_every_steps=0, eval_untrained=False)
-    cfg.data.update(epoch_len=64, data_dir=data_dir, eval_datasets=())
-    cfg.data.synthetic.update(image_size=(56, 56), num_train=16, num_val=4)
-    return cfg
+    return small_train_config(data_dir, num_steps=4, num_val=4)
 
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -125,13 +114,8 @@ def _run_child(out: pathlib.Path) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("train_loop")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
-               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
-                          text=True, timeout=2400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    env = fast_compile_env(out / "jax_cache")
+    proc = run_python(__file__, out, env=env, timeout=2400)
     rep = json.loads((out / "report.json").read_text())
     rep["stderr"] = proc.stderr
     return rep

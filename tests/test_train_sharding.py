@@ -6,16 +6,14 @@ subprocess because XLA_FLAGS must be set before jax is imported.
 """
 
 import os
-import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.helpers import FAST_COMPILE_XLA_FLAGS, ROOT, run_python
+
 CROP, BATCH, STEPS = 56, 8, 2
-# Cheaper LLVM passes: these tests are compile-bound and run only a few tiny steps.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _run_child(meshes: list[tuple[int, int]]) -> None:
@@ -102,14 +100,10 @@ def check_opt_sharding(state, fsdp: int) -> None:
 
 
 def _check(mesh: str) -> None:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}",
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_XLA_FLAGS}",
                JAX_PLATFORMS="cpu")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, __file__, mesh], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = run_python(__file__, mesh, env=env, timeout=900)
     assert "mesh (" in proc.stdout, proc.stdout
 
 

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from skipclick_jax import config_lib
 from skipclick_jax.train import optim, sharding, step as sp
-from skipclick_jax.train.defaults import data_defaults, train_defaults
+from skipclick_jax.defaults.train import data_defaults, train_defaults
 from skipclick_jax.train.summary import preview_image
 
 pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU

@@ -17,6 +17,8 @@ import pathlib
 
 import numpy as np
 
+from tests.helpers import ROOT
+
 STEPS, BATCH, CROP, SLOTS, LR = 150, 8, 112, 8, 1e-3
 
 
@@ -40,7 +42,6 @@ def _batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return dict(image=np.stack(images), gt=np.stack(gts), points=np.stack(points))
 
 
-ROOT = pathlib.Path(__file__).parents[1]
 SOURCES = ("tests/tiny_trained.py", "skipclick_jax/model", "skipclick_jax/train", "skipclick_jax/clicks.py",
            "skipclick_jax/data/synthetic.py", "skipclick_jax/edt.py", "skipclick_jax/resize.py")
 

@@ -16,6 +16,8 @@ import math
 import cv2
 import numpy as np
 
+from skipclick_jax.defaults import MULTI_POINT_SAMPLER as _DEFAULTS
+
 _KERNEL = np.ones((3, 3), np.uint8)
 _ORDER = 100
 
@@ -89,14 +91,14 @@ class MultiPointSampler:
       negative_probs: probabilities of the (background, other objects, border) strategies.
     """
 
-    max_num_points: int = 24
-    prob_gamma: float = 0.80
-    merge_objects_prob: float = 0.15
-    max_num_merged_objects: int = 2
-    expand_ratio: float = 0.1
-    positive_erode_prob: float = 0.9
-    positive_erode_iters: int = 3
-    negative_probs: tuple[float, float, float] = (0.1, 0.4, 0.5)
+    max_num_points: int = _DEFAULTS["max_num_points"]
+    prob_gamma: float = _DEFAULTS["prob_gamma"]
+    merge_objects_prob: float = _DEFAULTS["merge_objects_prob"]
+    max_num_merged_objects: int = _DEFAULTS["max_num_merged_objects"]
+    expand_ratio: float = _DEFAULTS["expand_ratio"]
+    positive_erode_prob: float = _DEFAULTS["positive_erode_prob"]
+    positive_erode_iters: int = _DEFAULTS["positive_erode_iters"]
+    negative_probs: tuple[float, float, float] = _DEFAULTS["negative_probs"]
 
     def __post_init__(self):
         if self.max_num_points < 1:

@@ -1,1 +1,3 @@
-"""NoC evaluation: protocol defaults (`defaults`) and the jitted click loop (`engine`)."""
+"""NoC evaluation: protocol defaults (`defaults`) the jitted click
+protocol (`protocol`), the host-side scheduling of samples onto it (`scheduler`), the reports
+(`evaluate`) and the command line (`cli`)."""

@@ -29,7 +29,7 @@ import ml_collections
 from skipclick_jax import config_lib, distributed, storage
 from skipclick_jax.data.custom_datasets import custom_data_defaults
 from skipclick_jax.data.eval_datasets import EVAL_DATASETS, load_eval_dataset
-from skipclick_jax.evaluation.defaults import eval_defaults
+from skipclick_jax.defaults.evaluation import eval_defaults
 from skipclick_jax.evaluation.evaluate import evaluate
 
 __all__ = ["main"]

@@ -37,12 +37,9 @@ import ml_collections
 import numpy as np
 
 from skipclick_jax import distributed, metrics, storage
-from skipclick_jax.evaluation.engine import (
-    Predictor,
-    Protocol,
-    run_samples,
-    skipclick_predictor,
-)
+from skipclick_jax.evaluation.protocol import Protocol
+from skipclick_jax.evaluation.scheduler import run_samples
+from skipclick_jax.model.api import ModelFunctions, model_functions
 
 THRESHOLD_KEYS = ("80", "85", "90", "95")
 
@@ -60,15 +57,15 @@ def evaluate(
 
     Args:
       model_or_predictor: a SkipClick `nnx` model (run in `cfg.dtype` / `cfg.attention` when they
-        are set) or an `engine.Predictor`.
+        are set) or its `model.ModelFunctions`.
       datasets: name -> samples ({'id', 'image', 'gt'}, sequence-like, in dataset order) or the
         dataset's root folder (read with `skipclick_jax.data.eval_datasets.load_eval_dataset`).
       out: output folder (created; gs:// is written locally first, copied up at the end).
-      cfg: the `eval` config section (`skipclick_jax.evaluation.defaults.eval_defaults()`).
+      cfg: the `eval` config section (`skipclick_jax.defaults.evaluation.eval_defaults()`).
       data_dir: TFDS cache folder for datasets given as folders.
     """
-    predictor = (model_or_predictor if isinstance(model_or_predictor, Predictor)
-                 else skipclick_predictor(model_or_predictor, cfg.get("dtype"), cfg.get("attention")))
+    predictor = (model_or_predictor if isinstance(model_or_predictor, ModelFunctions)
+                 else model_functions(model_or_predictor, cfg.get("dtype"), cfg.get("attention")))
     write = distributed.is_main()
     if storage.is_remote(out) and write:
         storage.check_access(out, write=True, what="evaluation output")

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from skipclick_jax import config_lib, resize
+from skipclick_jax.defaults import UPSAMPLE_FACTOR
 from skipclick_jax.model.dinov2 import DinoV2, PatchEmbed
 from skipclick_jax.model.dinov3 import DinoV3
 from skipclick_jax.model import layers
@@ -27,7 +28,6 @@ from skipclick_jax.model.layers import (
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
 REMAT = ("none", "blocks", "decoder")
 
 Encoding = dict  # {'fused': [B,h,w,D], 'skips': tuple of 4 first-layer skip halves, or ()}

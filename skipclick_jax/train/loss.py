@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from skipclick_jax.defaults import MASK_THRESHOLD
+
 
 def normalized_focal_loss(
     logits: jax.Array,
@@ -38,7 +40,7 @@ def normalized_focal_loss(
     return loss.sum((-2, -1)) / (valid.sum((-2, -1)) + eps)
 
 
-def binary_iou(prob: jax.Array, gt: jax.Array, thresh: float = 0.49) -> jax.Array:
+def binary_iou(prob: jax.Array, gt: jax.Array, thresh: float = MASK_THRESHOLD) -> jax.Array:
     """IoU of `prob > thresh` against `gt > 0.5` ([B, H, W] each) ignoring gt == -1 -> [B].
 
     An empty union counts as IoU 1.

@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from skipclick_jax.clicks import CLICK_DISTANCES, train_next_points
+from skipclick_jax.defaults import MASK_THRESHOLD
 from skipclick_jax.model.skipclick import check_remat
 from skipclick_jax.train.loss import binary_iou, normalized_focal_loss
 from skipclick_jax.train.state import TrainState
@@ -66,7 +67,7 @@ def make_train_step(
     schedule: optax.Schedule,
     *,
     max_num_next_clicks: int = 3,
-    pred_thresh: float = 0.49,
+    pred_thresh: float = MASK_THRESHOLD,
     click_distance: str = "chamfer5",
     alpha: float = 0.5,
     gamma: float = 2.0,
@@ -138,7 +139,7 @@ def make_preview_fn(
     *,
     num: int,
     max_num_next_clicks: int = 3,
-    pred_thresh: float = 0.49,
+    pred_thresh: float = MASK_THRESHOLD,
     click_distance: str = "chamfer5",
 ) -> Callable[[TrainState, dict[str, Any], Batch], dict[str, jax.Array]]:
     """(state, frozen, batch) -> the first `num` samples' {image, gt, points [num,2P,3] after the

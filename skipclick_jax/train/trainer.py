@@ -30,8 +30,8 @@ from skipclick_jax.data.synthetic import SyntheticConfig
 from skipclick_jax.data.train_datasets import load_train_source
 from skipclick_jax.evaluation.evaluate import evaluate
 from skipclick_jax.model import build_model
-from skipclick_jax.train import checkpointing, optim, sharding, state as state_lib, step as step_lib
-from skipclick_jax.train.defaults import profile_range
+from skipclick_jax.defaults.train import profile_range
+from skipclick_jax.train import optim, run_checkpoints as checkpointing, sharding, state as state_lib, step as step_lib
 from skipclick_jax.train.preemption import Preempted, StopSignals
 from skipclick_jax.train.summary import MetricsLog, Writer, preview_image
 from skipclick_jax.train.timing import StepTimer, step_flops

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from skipclick_jax.defaults import UPSAMPLE_FACTOR as _UPSAMPLE
 from skipclick_jax.weights import CheckpointError
 
 HUB_PREFIX = "feature_extractor.dinov2."
@@ -32,7 +33,6 @@ _SEQ = re.compile(r"^(neck\.down_\d+|head\.up_conv[12])\.(\d+)\.")
 _SEQ_JAX = re.compile(r"^(neck\.down_\d+|head\.up_conv[12])\.layers\.(\d+)\.")
 _CONV_T = re.compile(r"^(neck\.down_4\.[03]|neck\.down_8\.0|head\.up_conv[12]\.0)\.weight$")
 _PERM = {"linear": (1, 0), "conv": (2, 3, 1, 0), "convT": (2, 3, 0, 1)}
-_UPSAMPLE = {"x1": 1, "x2": 2, "x4": 4}
 EXTRACTOR_TYPES = {"dinov2": "dinov2_vitb14_reg", "dinov3": "dinov3_vitb16"}  # `extractor_type`
 
 
@@ -230,17 +230,6 @@ def timm_to_hub(sd: dict) -> dict[str, np.ndarray]:
     cls, pos = sd.pop("cls_token"), sd.pop("pos_embed")
     out = {"cls_token": cls, "pos_embed": np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1),
            "register_tokens": sd.pop("reg_token"), "mask_token": np.zeros_like(cls[0])}
-    out.update(sd)
-    return out
-
-
-def hub_to_timm(sd: dict) -> dict[str, np.ndarray]:
-    """Hub keys -> timm keys exactly as timm's `_convert_dinov2` (cls + pos_embed[:, 0]; no mask_token)."""
-    sd = dict(sd)
-    sd.pop("mask_token", None)
-    pos = sd.pop("pos_embed")
-    out = {"cls_token": sd.pop("cls_token") + pos[:, :1], "reg_token": sd.pop("register_tokens"),
-           "pos_embed": pos[:, 1:]}
     out.update(sd)
     return out
 

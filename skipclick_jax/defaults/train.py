@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ml_collections
 
-EVAL_DATASETS = ("GrabCut", "Berkeley", "SBD", "DAVIS", "HQSeg44k")
+from skipclick_jax.defaults import MASK_THRESHOLD, MULTI_POINT_SAMPLER
+
+DEFAULT_EVAL_DATASETS = ("GrabCut", "Berkeley", "SBD", "DAVIS", "HQSeg44k")
+"""The datasets evaluated after training by default (`data.eval_datasets`); every name the
+evaluation knows is in `data.eval_datasets.EVAL_DATASETS`."""
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -32,7 +36,7 @@ def train_defaults() -> ml_collections.ConfigDict:
             remat="none",
             remat_policy="nothing_saveable",
             max_num_next_clicks=3,  # simulated clicks per batch ~ U{0..max}
-            pred_thresh=0.49,
+            pred_thresh=MASK_THRESHOLD,
             # Training clicker's distance: "chamfer5" (OpenCV's 5x5 chamfer, as the original) or
             # "exact" (Euclidean); evaluation always uses the exact transform.
             click_distance="chamfer5",
@@ -89,22 +93,13 @@ def data_defaults() -> ml_collections.ConfigDict:
             stuff_prob=0.3,
             min_object_area=1000,
             keep_background_prob=0.05,
-            points=dict(
-                max_num_points=24,
-                prob_gamma=0.8,
-                merge_objects_prob=0.15,
-                max_num_merged_objects=2,
-                expand_ratio=0.1,
-                positive_erode_prob=0.9,
-                positive_erode_iters=3,
-                negative_probs=(0.1, 0.4, 0.5),  # background, other objects, border
-            ),
+            points=dict(MULTI_POINT_SAMPLER),
             synthetic={},
             mask_mode="binary",  # ImageMasks <stem>.png: 'binary' (one object) or 'instances'
             ignore_value=-1,  # ImageMasks mask value marking ignore regions (-1: none)
             categories=(),  # COCO category names or ids to keep (empty: all)
             min_annotation_area=0,  # COCO / ImageMasks objects with fewer pixels are skipped
-            eval_datasets=EVAL_DATASETS,
-            eval_roots={name: "" for name in (*EVAL_DATASETS, "COCO", "ImageMasks")},
+            eval_datasets=DEFAULT_EVAL_DATASETS,
+            eval_roots={name: "" for name in (*DEFAULT_EVAL_DATASETS, "COCO", "ImageMasks")},
         )
     )

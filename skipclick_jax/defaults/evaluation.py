@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from skipclick_jax.defaults import MASK_THRESHOLD
+
 
 def eval_defaults() -> ml_collections.ConfigDict:
     """The original NoC protocol (`evaluate_model.py NoBRS --eval-mode=cvpr --suppress-zoom`).
@@ -11,7 +13,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
     `sizes` maps a dataset name to its square network input size S; names starting with a key
     ending in `*` match by prefix, anything else uses `default_size`. `bucket` is the granularity
     (pixels) to which image heights/widths are padded so that a batch shares one shape;
-    `batch_size` 0 picks `engine.default_batch_size()` (1 per device on CPU, 8 on accelerators).
+    `batch_size` 0 picks `scheduler.default_batch_size()` (1 per device on CPU, 8 on accelerators).
     `dtype` ('float32' | 'bfloat16') and `attention` ('xla' | 'cudnn') override the model's
     compute settings for the evaluation ("" keeps the model's own `model.dtype` / `model.attention`).
     """
@@ -19,7 +21,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
         dict(
             max_clicks=20,
             target_iou=0.95,
-            thresh=0.49,
+            thresh=MASK_THRESHOLD,
             flip=True,
             default_size=448,
             sizes={"DAVIS": 672, "HQSeg44k": 896, "SHSeg": 896, "WSESeg_*": 896},

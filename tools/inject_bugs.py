@@ -1,7 +1,7 @@
 """Injects known porting bugs into the JAX side and reports which parity stages catch them.
 
-  PYTHONPATH=. python tests/inject_bugs.py model [BUG ...]   # tests/test_parity.py's cases
-  PYTHONPATH=. python tests/inject_bugs.py eval               # tests/test_eval_parity.py's case
+  PYTHONPATH=. python tools/inject_bugs.py model [BUG ...]   # tests/test_parity.py's cases
+  PYTHONPATH=. python tools/inject_bugs.py eval               # tests/test_eval_parity.py's case
 
 Each bug is a temporary, in-process patch (a method's source with one substring replaced, or a
 module attribute, or a norm's settings after the model is built), undone afterwards. For every
@@ -19,7 +19,8 @@ from convert_weights import verify, torch_noc
 from convert_weights.torch_reference import build_reference
 from skipclick_jax import config_lib, resize
 from skipclick_jax.model import skipclick as sk, dinov2 as dv, layers as ly
-from skipclick_jax.evaluation import engine as en
+from skipclick_jax.evaluation import protocol as pr, scheduler as sc
+from skipclick_jax.model.api import model_functions
 from tests.norm_sensitive import make_norm_sensitive_
 from tests import test_parity as tp
 
@@ -193,13 +194,14 @@ def run_eval():
         ref.head.conv_seg.weight.mul_(10.0)
         ref.head.conv_seg.bias.mul_(10.0).add_(4.5)
     model = verify.model_from_reference(ref, cfg)
-    protocol = en.Protocol(size=56, max_clicks=6, flip=True)
+    protocol = pr.Protocol(size=56, max_clicks=6, flip=True)
     samples = tep.with_instances(tep.make_samples())
     expected = [torch_noc.noc_loop(ref, s["image"], s["gt"], size=56, max_clicks=6, flip=True) for s in samples]
     for bug, (fn, old, new) in {"baseline": ("step", "", ""), **EVAL_BUGS}.items():
-        en._jitted.cache_clear(); jax.clear_caches()
-        with src(en, fn, old, new, en):
-            res = en.run_samples(en.skipclick_predictor(model), samples, protocol, batch_size=2, bucket=32)
+        pr.jitted_functions.cache_clear(); jax.clear_caches()
+        module = pr if hasattr(pr, fn) else sc
+        with src(module, fn, old, new, module):
+            res = sc.run_samples(model_functions(model), samples, protocol, batch_size=2, bucket=32)
         bad = [s["id"] for s, r, (c, i) in zip(samples, res, expected)
                if r["clicks"] != c or not np.array_equal(metrics.ious_from_counts(r["inter"], r["union"]), i)]
         first = next(((s["id"], k) for s, r, (c, _) in zip(samples, res, expected)
