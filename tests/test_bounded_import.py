@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pickle
 import stat
 import subprocess
 import sys

@@ -6,7 +6,6 @@ seconds instead of ~45 s of migrations) and is stopped by its PID at the end. Th
 when the venv cannot be built (no network to PyPI on a fresh machine), saying why.
 """
 
-import base64
 import json
 import os
 import pathlib
