@@ -51,11 +51,11 @@ def test_nothing_in_the_package_imports_the_trainer_or_the_eval_cli():
 # belongs to the group with the longest matching prefix (train.trainer is an application).
 LAYERS = (  # (layer, peers may import each other, groups)
     ("core", True, ("atomic", "defaults", "resize", "edt", "clicks", "metrics", "images", "runtime",
-                    "distributed", "visualize")),
+                    "distributed", "visualize", "storage")),
     ("library", True, ("config_lib", "model", "data", "weights", "checkpoint")),
     ("engines", False, ("train", "evaluation")),
     ("applications", True, ("train.trainer", "evaluation.cli", "predictor", "export", "app", "demo",
-                            "__init__")),
+                            "annotation", "seal", "data.upload", "__init__")),
 )
 
 
