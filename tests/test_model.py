@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact / measured on CPU
 # docs/design/model.md#parameter-counts: totals and per-module counts of the original PyTorch models.
 EXPECTED_TOTALS = {
     "skipclick.py": 153_164_417,
+    "finetune.py": 153_164_417,  # the SkipClick model, fine-tuned
     "baseline.py": 126_589_505,
     "frozen.py": 126_589_505,
     "intermediate.py": 128_949_569,
