@@ -396,7 +396,7 @@ def test_killed_gs_run_resumes_with_identical_losses(gcs_server, tmp_path):
     resumed = subprocess.run(_train_cmd(f"{gs}/run", f"{gs}/tfds", steps), env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert "stale lock" in resumed.stderr and "resumed from" in resumed.stderr
+    assert "stale lock" in resumed.stderr and "resumed from" in resumed.stderr, resumed.stderr[-5000:]
 
     def rows(run):
         text = subprocess.run([sys.executable, "-c", "import sys; from skipclick_jax import storage; "
