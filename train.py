@@ -40,6 +40,7 @@ def main(argv):
     distributed.initialize(distributed.launch_from_absl_flags(auto=cfg.train.distributed))
     distributed.configure_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
+    logging.getLogger("fsspec").setLevel(logging.WARNING)  # gcsfs: a line per object read
     enable_compilation_cache()
     reuse_large_buffers()
     try:

@@ -377,11 +377,13 @@ def test_killed_gs_run_resumes_with_identical_losses(gcs_server, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-5000:]
 
-    # Killed (SIGKILL: no cleanup, the lock object stays) once step 2 is sealed.
+    # Killed (SIGKILL: no cleanup, the lock object stays) once step 2 is sealed and committed (on
+    # gs:// orbax marks a step complete with commit_success.txt, written after the digests).
     proc = subprocess.Popen(_train_cmd(f"{gs}/run", f"{gs}/tfds", steps), env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
-    while "run/checkpoints/2/SHA256SUMS.json" not in gcs_server.list_objects(bucket, "run/"):
+    committed = {"run/checkpoints/2/SHA256SUMS.json", "run/checkpoints/2/commit_success.txt"}
+    while not committed <= set(gcs_server.list_objects(bucket, "run/")):  # sealed and committed
         assert proc.poll() is None, proc.stderr.read()[-5000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -396,7 +398,7 @@ def test_killed_gs_run_resumes_with_identical_losses(gcs_server, tmp_path):
     resumed = subprocess.run(_train_cmd(f"{gs}/run", f"{gs}/tfds", steps), env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert "stale lock" in resumed.stderr and "resumed from" in resumed.stderr, resumed.stderr[-5000:]
+    assert "stale lock" in resumed.stderr and "resumed from" in resumed.stderr, resumed.stderr[:6000]
 
     def rows(run):
         text = subprocess.run([sys.executable, "-c", "import sys; from skipclick_jax import storage; "
