@@ -75,7 +75,9 @@ def parse_label_config(config: str) -> dict:
                               "value=\"Object\"/></BrushLabels>")
     to_name = brush.get("toName", "")
     images = {im.get("name"): im for im in root.iter("Image")}
-    image = images.get(to_name) or (next(iter(images.values())) if images else None)
+    image = images.get(to_name)  # an Element without children is falsy: compare with None
+    if image is None and images:
+        image = next(iter(images.values()))
     if image is None:
         raise AnnotationError("the labeling config has no <Image> tag")
     return dict(brush=dict(name=brush.get("name"), to_name=to_name or image.get("name"),
