@@ -3,8 +3,8 @@
   python train.py --config configs/tiny_synthetic.py --workdir runs/tiny
 
 Trains 300 steps of batch 8 at crop 112, then prints the NoC table on the Synthetic val split
-(79 objects) for the untrained and the trained weights: NoC@80/85/90 20.00 -> 12.72 / 15.84 /
-18.48, mIoU@5 0.08 -> 0.67 (other CPUs differ by float rounding; time, machine and versions in
+(79 objects) for the untrained and the trained weights: NoC@80/85/90 20.00 -> 12.37 / 15.39 /
+18.34, mIoU@5 0.08 -> 0.66 (other CPUs differ by float rounding; time, machine and versions in
 docs/performance.md#main-job-cpu-smoke-run). Without pretrained DINOv2 weights the backbone is
 random (and frozen), so the lr is raised from the paper's 5e-5.
 """
