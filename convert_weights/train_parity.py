@@ -18,7 +18,6 @@ arrays for the PyTorch restatement of the original trainer (docs/training-parity
 from __future__ import annotations
 
 import argparse
-import ast
 import pathlib
 import sys
 
@@ -26,33 +25,6 @@ import ml_collections
 import numpy as np
 
 BATCH_KEYS = ("images", "points", "gt", "num_clicks")
-
-
-def apply_override(cfg: ml_collections.ConfigDict, key: str, value: str) -> None:
-    """Sets cfg.<key> (dotted) from a command-line string, keeping the field's type (as eval.py)."""
-    *parents, leaf = key.split(".")
-    node = cfg
-    for part in parents:
-        if part not in node:
-            raise KeyError(f"--config.{key}: no section {part!r}")
-        node = node[part]
-    if leaf not in node:
-        raise KeyError(f"--config.{key}: unknown field (known: {sorted(node.keys())})")
-    old = node[leaf]
-    try:
-        if isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError("expected true or false")
-            new = value.lower() in ("true", "1")
-        elif isinstance(old, (int, float)):
-            new = type(old)(value)
-        elif isinstance(old, str):
-            new = value
-        else:
-            new = ast.literal_eval(value)
-        node[leaf] = new
-    except (ValueError, TypeError, SyntaxError) as e:
-        raise ValueError(f"--config.{key}={value}: not a valid {type(old).__name__} ({e})") from None
 
 
 def load_batches(path: str | pathlib.Path, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -176,7 +148,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--out {out}: directory {out.parent} does not exist")
     cfg = config_lib.load_config_file(args.config)
     for key, value in overrides:
-        apply_override(cfg, key, value)
+        try:
+            config_lib.override(cfg, key, value)  # parsed as eval.py and train.py parse them
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"train_parity: {e.args[0] if isinstance(e, KeyError) else e}") from None
     config_lib.validate_config(cfg)
     batches = load_batches(args.batches, cfg)
     if not pathlib.Path(args.checkpoint).is_file():

@@ -126,8 +126,11 @@ def test_bad_inputs_are_refused(tmp_path):
     np.savez(tmp_path / "bad.npz", **{k: v for k, v in good.items() if k != "num_clicks"})
     with pytest.raises(ValueError, match=r"missing arrays \['num_clicks'\]"):
         train_parity.load_batches(tmp_path / "bad.npz", cfg)
-    with pytest.raises(KeyError, match="--config.train.nope: unknown field"):
-        train_parity.apply_override(cfg, "train.nope", "1")
+    with pytest.raises(SystemExit, match="--config.train.nope: unknown field"):
+        train_parity.main(["--checkpoint", str(tmp_path / "init.pth"), "--config", "configs/test_tiny.py",
+                           "--batches", str(tmp_path / "b.npz"), "--out", str(tmp_path / "new.npz"),
+                           "--config.train.nope=1"])
+    assert not (tmp_path / "new.npz").exists()
     (tmp_path / "o.npz").write_bytes(b"keep")
     with pytest.raises(SystemExit, match="exists; not overwriting"):
         train_parity.main(["--checkpoint", str(tmp_path / "init.pth"), "--config", "configs/test_tiny.py",
