@@ -10,23 +10,12 @@ from skipclick_jax.train.loss import binary_iou, normalized_focal_loss
 torch = pytest.importorskip("torch")
 
 
-def _torch_nfl(pred, label, alpha=0.5, gamma=2.0, eps=1e-12, ignore_label=-1):
-    """isegm/model/losses.py NormalizedFocalLossSigmoid.forward (detach_delimeter, size_average)."""
-    one_hot = label > 0.5
-    sample_weight = label != ignore_label
-    pred = torch.sigmoid(pred)
-    alpha = torch.where(one_hot, alpha * sample_weight, (1 - alpha) * sample_weight)
-    pt = torch.where(sample_weight, 1.0 - torch.abs(label - pred), torch.ones_like(pred))
-    beta = (1 - pt) ** gamma
-    sw_sum = torch.sum(sample_weight, dim=(-2, -1), keepdim=True)
-    beta_sum = torch.sum(beta, dim=(-2, -1), keepdim=True)
-    mult = (sw_sum / (beta_sum + eps)).detach()
-    beta = beta * mult
-    loss = -alpha * beta * torch.log(torch.min(pt + eps, torch.ones(1, dtype=torch.float)))
-    loss = loss * sample_weight
-    bsum = torch.sum(sample_weight, dim=(1, 2, 3))
-    loss = torch.sum(loss, dim=(1, 2, 3)) / (bsum + eps)
-    return loss.mean()
+def _torch_nfl(pred, label, **kw):
+    """isegm/model/losses.py NormalizedFocalLossSigmoid.forward (detach_delimeter, size_average),
+    as restated for the training-parity reference (convert_weights/torch_train.py)."""
+    from convert_weights.torch_train import normalized_focal_loss as torch_nfl
+
+    return torch_nfl(pred, label, **kw).mean()
 
 
 def _data(seed=0, b=3, s=16):
