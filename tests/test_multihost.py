@@ -176,7 +176,15 @@ def _runs(tmp: pathlib.Path, tfds: pathlib.Path, fsdp: int, kill: bool) -> dict:
 
 # The default suite runs the (4, 2) mesh straight through; the data mesh 8 (slow) is also killed
 # and resumed.
-@pytest.fixture(scope="module", params=[pytest.param((2, False), id="mesh4x2"),
+# jax >= 0.12 (CI leg 2): on 2026-12-06 one of two CI runs hung after the first step of the
+# two-process (4, 2) run (no error, both processes alive, 480 s launch timeout; issue #22 stays open
+# for it). Skipped there, with this reason, until the hang is understood; jax 0.10 runs it.
+_HANGS_ON_JAX_012 = pytest.mark.skipif(
+    tuple(int(p) for p in __import__("jax").__version__.split(".")[:2]) >= (0, 12),
+    reason="intermittent hang after step 1 of the two-process mesh4x2 run on jax >= 0.12 (issue #22)")
+
+
+@pytest.fixture(scope="module", params=[pytest.param((2, False), id="mesh4x2", marks=_HANGS_ON_JAX_012),
                                         pytest.param((1, True), id="mesh8-killed", marks=pytest.mark.slow)])
 def runs(request, tmp_path_factory, tfds_dir):
     fsdp, kill = request.param
