@@ -66,3 +66,15 @@ def run_python(*args, env: dict | None = None, timeout: float = 600, returncode:
     if returncode is not None:
         assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def stop_process(proc, log=None, timeout: float = 30) -> None:
+    """Ends a server started by a test: SIGTERM, then SIGKILL after `timeout` s; closes its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+    if log is not None:
+        log.close()

@@ -24,7 +24,7 @@ pytest.importorskip("starlette", reason="the app needs the 'app' extra (starlett
 pytest.importorskip("uvicorn", reason="the app needs the 'app' extra (starlette, uvicorn)")
 
 import tiny_trained
-from tests.helpers import ROOT
+from tests.helpers import ROOT, stop_process
 
 EXAMPLE = ROOT / "skipclick_jax" / "assets" / "demo.png"
 CHROMIUM = "/usr/bin/chromium"
@@ -68,12 +68,7 @@ def server(request):
                 time.sleep(1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_process(proc, log)
 
 
 def _request(url, data=None, headers=None):

@@ -17,6 +17,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests.helpers import stop_process
+
 from skipclick_jax.app import Annotator, BadRequest, click_args
 from skipclick_jax.predictor import Predictor
 
@@ -204,9 +206,4 @@ def test_many_concurrent_clients(tmp_path):
         assert status == 400 and "row must be an integer" in body["error"]
         assert urllib.request.urlopen(url + "/api/info", timeout=5).status == 200
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_process(proc, log)

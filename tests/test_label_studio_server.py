@@ -18,6 +18,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests.helpers import stop_process
+
 pytest.importorskip("starlette", reason="the app needs the 'app' extra (starlette, uvicorn)")
 pytest.importorskip("uvicorn", reason="the app needs the 'app' extra (starlette, uvicorn)")
 
@@ -115,16 +117,9 @@ def label_studio(ls_venv, tmp_path_factory):
         # label-studio moves to another port silently when its port is taken: make sure this is it.
         status, version = ls_api(url, "GET", "/api/version")
         assert status == 200 and version["release"] == LS_VERSION, version
-        print(f"label-studio {LS_VERSION} UP on {url} after {time.monotonic() - t0:.1f} s")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        log.close()
+        stop_process(proc, log)
 
 
 def ls_api(url, method, path, body=None, raw=None, content_type="application/json"):
