@@ -198,10 +198,12 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
             timer.step_done()
             bar.update()
 
-            t_host = time.perf_counter()
-            if step % tc.log_every_steps == 0 or step == num_steps:
+            logging_step = step % tc.log_every_steps == 0 or step == num_steps
+            if logging_step:  # waiting for this step's results is compute, not host time
                 with timer.phase("compute"):
                     m = check(*pending)
+            t_host = time.perf_counter()
+            if logging_step:
                 m.update(timer.interval())
                 if compile_s is not None:
                     m["compile_s"], compile_s = compile_s, None
