@@ -41,6 +41,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from skipclick_jax import images
 from skipclick_jax.predictor import check_click
 
 PACKAGE = pathlib.Path(__file__).parent
@@ -62,29 +63,11 @@ class BadRequest(ValueError):
 
 
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """Image bytes -> uint8 [H, W, 3] RGB; BadRequest for anything that is not a usable image."""
-    if not data:
-        raise BadRequest("empty upload: the file has zero bytes")
+    """Image bytes -> uint8 [H, W, 3] RGB; BadRequest (400, or 413 above `max_pixels`) otherwise."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise BadRequest(f"image too large: {w}x{h} pixels, the limit is {max_pixels:,}", 413)
-            if w == 0 or h == 0:
-                raise BadRequest(f"image is zero-sized ({w}x{h})")
-            image = np.asarray(im.convert("RGB"))
-    except BadRequest:
-        raise
-    except Image.UnidentifiedImageError as e:
-        raise BadRequest("not an image: the file format is not recognised (PNG, JPEG, WebP, ... "
-                         "expected)") from e
-    except Image.DecompressionBombError as e:  # PIL's own pixel limit, far above max_pixels
-        raise BadRequest(f"image too large: {e}", 413) from e
-    except (OSError, ValueError) as e:
-        raise BadRequest(f"not a readable image ({type(e).__name__}: {e})") from e
-    if image.ndim != 3 or min(image.shape[:2]) == 0:
-        raise BadRequest(f"image is zero-sized ({image.shape[1]}x{image.shape[0]})")
-    return image
+        return images.decode_image(data, max_pixels)
+    except images.ImageDecodeError as e:
+        raise BadRequest(str(e), 413 if e.too_large else 400) from e
 
 
 def click_args(body: dict) -> dict:

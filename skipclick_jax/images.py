@@ -1,8 +1,12 @@
-"""The one check of an RGB image given to a model: documented dtypes and ranges only."""
+"""The one check of an RGB image given to a model (documented dtypes and ranges only), and the one
+decoder of image files received over the network (the app and the annotation-tool backends)."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
 
 # Float images may exceed [0, 1] by this much (rounding in resizes / colour conversions).
 FLOAT_TOLERANCE = 1e-3
@@ -41,3 +45,43 @@ def as_float_image(image, what: str = "image") -> np.ndarray:
                 else "rescale or clip it to 0..1 (np.clip(image, 0, 1))")
         raise ValueError(f"float {what} has values in [{lo:g}, {hi:g}], expected 0..1; {hint}")
     return np.clip(image, 0.0, 1.0)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image; `too_large` marks a size limit (HTTP 413) apart from a
+    bad file."""
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP, ...) -> uint8 [H, W, 3] RGB.
+
+    Raises ImageDecodeError for empty bytes, an unrecognised or corrupt file, a zero-sized image,
+    or more than `max_pixels` pixels (checked from the header, before the pixels are decoded).
+    """
+    if not data:
+        raise ImageDecodeError("empty upload: the file has zero bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(f"image too large: {w}x{h} pixels, the limit is {max_pixels:,}",
+                                       too_large=True)
+            if w == 0 or h == 0:
+                raise ImageDecodeError(f"image is zero-sized ({w}x{h})")
+            image = np.asarray(im.convert("RGB"))
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own pixel limit
+        raise ImageDecodeError(f"image too large: {e}", too_large=True) from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageDecodeError("not an image: the file format is not recognised (PNG, JPEG, WebP, "
+                               "... expected)") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {e})") from e
+    if image.ndim != 3 or min(image.shape[:2]) == 0:
+        raise ImageDecodeError(f"image is zero-sized ({image.shape[1]}x{image.shape[0]})")
+    return image

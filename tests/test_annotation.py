@@ -95,7 +95,7 @@ def test_engine_cache_is_bounded_lru(predictor):
 
 @pytest.mark.parametrize("data, clicks, status, words", [
     (b"", [(1, 1, True)], 422, "empty"),
-    (b"not an image at all", [(1, 1, True)], 422, "not a recognised image"),
+    (b"not an image at all", [(1, 1, True)], 422, "not an image"),
     (None, [], 400, "no clicks"),
     (None, [(96, 5, True)], 400, "outside"),
     (None, [(5, -1, True)], 400, "outside"),
@@ -308,7 +308,7 @@ BIG = sample_image(0, 500, 500)  # 250,000 pixels > the server's 200,000
     (dict(predict_body("", [keypoint(30, 50)]), tasks=[dict(id=4, data=dict(img="x"))]), 400,
      "task 4 has no image URL under data.image"),
     (predict_body("data:image/png;base64," + base64.b64encode(b"garbage").decode(), [keypoint(30, 50)]), 422,
-     "not a recognised image"),
+     "not an image"),
     (predict_body("data:image/png;base64,@@@", [keypoint(30, 50)]), 422, "not valid base64"),
     (predict_body("s3://bucket/a.png", [keypoint(30, 50)]), 422, "only Label Studio paths"),
     (predict_body("/data/upload/1/a.png", [keypoint(30, 50)], project="404.1"), 502, "no Label Studio host"),
@@ -459,7 +459,7 @@ def test_cvat_interactor(cvat, predictor):
     (b"{not json", 400, "not JSON"),
     (dict(pos_points=[[1, 1]]), 400, "no 'image'"),
     (dict(image="@@", pos_points=[[1, 1]]), 422, "not valid base64"),
-    (dict(image=base64.b64encode(b"junk").decode(), pos_points=[[1, 1]]), 422, "not a recognised image"),
+    (dict(image=base64.b64encode(b"junk").decode(), pos_points=[[1, 1]]), 422, "not an image"),
     (dict(image="IMAGE", pos_points=[], neg_points=[[3, 3]]), 400, "no pos_points"),
     (dict(image="IMAGE", pos_points=[[128, 5]]), 400, "outside the 128x96 image"),
     (dict(image="IMAGE", pos_points=[[5, "a"]]), 400, "list of [x, y] pairs"),

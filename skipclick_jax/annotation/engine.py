@@ -20,12 +20,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import threading
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image
+
+from skipclick_jax import images
 
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_IMAGES = 8
@@ -48,28 +48,13 @@ def image_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image") -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ...) -> uint8 [H, W, 3] RGB; AnnotationError (422, or 413
-    above `max_pixels`) for anything else."""
-    if not data:
-        raise AnnotationError(f"{what} is empty (zero bytes)", 422)
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> uint8 [H, W, 3] RGB; AnnotationError (422, or 413 above `max_pixels`)
+    for anything else."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise AnnotationError(f"{what} too large: {w}x{h} pixels, the limit is {max_pixels:,}", 413)
-            if w == 0 or h == 0:
-                raise AnnotationError(f"{what} is zero-sized ({w}x{h})", 422)
-            return np.asarray(im.convert("RGB"))
-    except AnnotationError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise AnnotationError(f"{what} too large ({e})", 413) from e
-    except Image.UnidentifiedImageError as e:
-        raise AnnotationError(f"{what} is not a recognised image format (PNG, JPEG, WebP, ... expected)",
-                              422) from e
-    except (OSError, ValueError) as e:
-        raise AnnotationError(f"{what} cannot be decoded ({type(e).__name__}: {e})", 422) from e
+        return images.decode_image(data, max_pixels)
+    except images.ImageDecodeError as e:
+        raise AnnotationError(str(e), 413 if e.too_large else 422) from e
 
 
 def clip_to_box(mask: np.ndarray, box: Sequence[float] | None) -> np.ndarray:
