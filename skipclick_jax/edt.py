@@ -86,46 +86,83 @@ def edt(mask: jax.Array, valid: jax.Array | None = None) -> jax.Array:
 # knight moves.
 _HV, _DIAG, _KNIGHT = 1.0, 1.4, 2.1969
 _CHAMFER_UNROLL = 1
+_LANES = 4  # forward-pass column group width (see `chamfer5`)
 
 
-def _chamfer_pass(cols: jax.Array, valid: jax.Array, sources: jax.Array | None, reverse: bool) -> jax.Array:
-    """One raster pass of the 5x5 chamfer transform over wavefront columns (see `chamfer5`).
+def _shifted_views(n: int, hp: int, reverse: bool):
+    """Padding and row slices of a carried wavefront: (pad, same row, one row back, two rows back).
 
-    cols [T, N, Hp] float32: the pass's initial values (0 at zero pixels, +inf elsewhere for the
-    forward pass; the forward result for the backward pass); valid [T, Hp] bool marks real pixels;
-    sources [T, N, Hp] bool (forward only) marks zero pixels, which stay 0.
+    Carried wavefronts hold two +inf rows before row 0 (forward) or after row Hp-1 (backward), so
+    the neighbours one and two image rows up (down) are plain slices.
     """
-    n, hp = cols.shape[1:]
-    inf = jnp.float32(jnp.inf)
-    w_hv, w_diag, w_knight = (jnp.float32(w) for w in (_HV, _DIAG, _KNIGHT))
-    # Carried wavefronts hold two +inf rows before row 0 (forward) or after row Hp-1 (backward),
-    # so the neighbours one and two image rows up (down) are plain slices.
-    ring = jnp.full((n, 2), inf, jnp.float32)
+    ring = jnp.full((n, 2), jnp.inf, jnp.float32)
     if reverse:
-        pad, same, near, far = (lambda c: jnp.concatenate([c, ring], axis=1),
-                                slice(0, hp), slice(1, hp + 1), slice(2, hp + 2))
-    else:
-        pad, same, near, far = (lambda c: jnp.concatenate([ring, c], axis=1),
-                                slice(2, hp + 2), slice(1, hp + 1), slice(0, hp))
+        return (lambda c: jnp.concatenate([c, ring], axis=1), slice(0, hp), slice(1, hp + 1), slice(2, hp + 2))
+    return (lambda c: jnp.concatenate([ring, c], axis=1), slice(2, hp + 2), slice(1, hp + 1), slice(0, hp))
+
+
+def _chamfer_forward(init: jax.Array, valid: jax.Array, lane: jax.Array) -> jax.Array:
+    """The forward pass (see `chamfer5`) over wavefront columns t = 3i + j.
+
+    init [T, N, Hp] float32: 0 at zero pixels, +inf elsewhere; valid [T, Hp] bool marks real pixels;
+    lane [T, Hp] int32: the pixel's position p in its column group (0 outside the groups).
+    Returns the forward distances [T, N, Hp].
+    """
+    n, hp = init.shape[1:]
+    inf = jnp.float32(jnp.inf)
+    f32 = np.float32
+    # Per in-group step k: the move weight plus k horizontal steps, one float32 constant each.
+    w_hv, w_diag, w_knight = ([jnp.float32(f32(w) + f32(k)) for k in range(_LANES)] for w in (_HV, _DIAG, _KNIGHT))
+    pad, same, near, far = _shifted_views(n, hp, reverse=False)
 
     def body(carry, x):
-        c1, c2, c3, c4, c5, c6, c7 = carry  # the 7 previous wavefronts, nearest first
-        col, ok = x[0], x[1]
-        new = jnp.minimum(c1[:, same] + w_hv, c1[:, near] + w_knight)
-        new = jnp.minimum(new, c2[:, near] + w_diag)
-        new = jnp.minimum(new, c3[:, near] + w_hv)
-        new = jnp.minimum(new, c4[:, near] + w_diag)
-        new = jnp.minimum(new, c5[:, near] + w_knight)
-        new = jnp.minimum(new, c5[:, far] + w_knight)
-        new = jnp.minimum(new, c7[:, far] + w_knight)
+        (c1, c2, c3, c4, c5, c6, c7), (u1a, u2a, u2b, u3a, u3b, u3c) = carry
+        col, ok, p = x
+        hv = c3[:, near]  # (i-1, j)
+        diag = jnp.minimum(c2[:, near], c4[:, near])  # (i-1, j+1), (i-1, j-1)
+        knight = jnp.minimum(jnp.minimum(c1[:, near], c5[:, near]),  # (i-1, j+2), (i-1, j-2)
+                             jnp.minimum(c5[:, far], c7[:, far]))  # (i-2, j+1), (i-2, j-1)
+        # u[k]: this pixel's best start k columns left of a pixel of its group.
+        u = [jnp.minimum(jnp.minimum(col + jnp.float32(k), hv + w_hv[k]),
+                         jnp.minimum(diag + w_diag[k], knight + w_knight[k])) for k in range(_LANES)]
+        p = p[None, :]
+        new = jnp.minimum(u[0], jnp.where(p >= 1, u1a, inf))
+        new = jnp.minimum(new, jnp.where(p >= 2, u2b, inf))
+        new = jnp.minimum(new, jnp.where(p >= 3, u3c, inf))
+        # The pixel just before the group, p + 1 columns left, plus p + 1 steps.
+        before = jnp.where(p == 0, c1[:, same], jnp.where(p == 1, c2[:, same], jnp.where(p == 2, c3[:, same], c4[:, same])))
+        new = jnp.minimum(new, before + (p + 1).astype(jnp.float32))
+        new = jnp.where(ok[None, :], new, inf)
+        return ((pad(new), c1, c2, c3, c4, c5, c6), (u[1], u[2], u2a, u[3], u3a, u3b)), new
+
+    walls = tuple(jnp.full((n, hp + 2), inf, jnp.float32) for _ in range(7))
+    starts = tuple(jnp.full((n, hp), inf, jnp.float32) for _ in range(6))
+    _, out = lax.scan(body, (walls, starts), (init, valid, lane), unroll=_CHAMFER_UNROLL)
+    return out
+
+
+def _chamfer_backward(fwd: jax.Array, valid: jax.Array) -> jax.Array:
+    """The backward pass (see `chamfer5`): fwd [T, N, Hp] forward distances -> final [T, N, Hp]."""
+    n, hp = fwd.shape[1:]
+    inf = jnp.float32(jnp.inf)
+    w_hv, w_diag, w_knight = (jnp.float32(w) for w in (_HV, _DIAG, _KNIGHT))
+    pad, same, near, far = _shifted_views(n, hp, reverse=True)
+
+    def body(carry, x):
+        c1, c2, c3, c4, c5, c6, c7 = carry  # the 7 later wavefronts, nearest first
+        col, ok = x
+        new = jnp.minimum(c1[:, same] + w_hv, c1[:, near] + w_knight)  # (i, j+1), (i+1, j-2)
+        new = jnp.minimum(new, c2[:, near] + w_diag)  # (i+1, j-1)
+        new = jnp.minimum(new, c3[:, near] + w_hv)  # (i+1, j)
+        new = jnp.minimum(new, c4[:, near] + w_diag)  # (i+1, j+1)
+        new = jnp.minimum(new, c5[:, near] + w_knight)  # (i+1, j+2)
+        new = jnp.minimum(new, c5[:, far] + w_knight)  # (i+2, j-1)
+        new = jnp.minimum(new, c7[:, far] + w_knight)  # (i+2, j+1)
         new = jnp.where(ok[None, :], jnp.minimum(col, new), inf)
-        if sources is not None:
-            new = jnp.where(x[2], 0.0, new)
         return (pad(new), c1, c2, c3, c4, c5, c6), new
 
     init = tuple(jnp.full((n, hp + 2), inf, jnp.float32) for _ in range(7))
-    xs = (cols, valid) if sources is None else (cols, valid, sources)
-    _, out = lax.scan(body, init, xs, reverse=reverse, unroll=_CHAMFER_UNROLL)
+    _, out = lax.scan(body, init, (fwd, valid), reverse=True, unroll=_CHAMFER_UNROLL)
     return out
 
 
@@ -166,8 +203,11 @@ def chamfer5(mask: jax.Array) -> jax.Array:
     zeros = jnp.transpose(~skew, (2, 0, 1))  # [T, B, Hp]
     valid_t = jnp.asarray(valid.T)
     init = jnp.where(zeros, 0.0, jnp.inf).astype(jnp.float32)
-    fwd = _chamfer_pass(init, valid_t, zeros, reverse=False)
-    dist = _chamfer_pass(fwd, valid_t, None, reverse=True)  # [T, B, Hp]
+    # Position in the forward pass's column groups: columns below 4 * floor((Wp - 2) / 4) only.
+    cols = np.where(valid, src_col, 0)
+    lane = np.where(cols < _LANES * ((wp - 2) // _LANES), cols % _LANES, 0).astype(np.int32)
+    fwd = _chamfer_forward(init, valid_t, jnp.asarray(lane.T))
+    dist = _chamfer_backward(fwd, valid_t)  # [T, B, Hp]
     dist = jnp.transpose(dist, (1, 2, 0))  # [B, Hp, T]
     back = jnp.asarray((np.arange(wp)[None, :] + 3 * rows))  # [Hp, Wp]: wavefront of pixel (i, j)
     out = jnp.take_along_axis(dist, back[None], axis=2)
