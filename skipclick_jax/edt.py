@@ -13,8 +13,8 @@ visiting offsets |j - k| = 1, 2, ... and stopping once (d + 1)^2 reaches max D, 
 column can then improve any pixel. Work is O(H * W * max distance), memory O(H * W).
 
 `chamfer5(mask)` is the original training clicker's distance instead: OpenCV's
-`distanceTransform(np.pad(mask, 1), DIST_L2, 5)[1:-1, 1:-1]`, the 5x5 chamfer transform, value for
-value up to rare one-ulp differences (see its docstring).
+`distanceTransform(np.pad(mask, 1), DIST_L2, 5)[1:-1, 1:-1]`, the 5x5 chamfer transform, bit for
+bit as OpenCV's pip builds compute it (through Intel IPP; see its docstring).
 """
 
 from __future__ import annotations
@@ -169,21 +169,26 @@ def _chamfer_backward(fwd: jax.Array, valid: jax.Array) -> jax.Array:
 def chamfer5(mask: jax.Array) -> jax.Array:
     """OpenCV's 5x5 chamfer distance of the zero-padded mask: bool [B, H, W] -> float32 [B, H, W].
 
-    Equal value for value to `cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 5)
-    [1:-1, 1:-1]` per image (the original training clicker's distance). OpenCV's pip builds run
-    this transform through Intel IPP, which sums the float32 weights 1, 1.4f and 2.1969f (orthogonal,
-    diagonal, knight move) in float32 along two raster passes: forward, each pixel takes the minimum
-    of (neighbour + weight) over its 8 earlier neighbours (rows i-2..i, in raster order); backward,
-    the minimum of its own value and the 8 later neighbours. Out-of-image neighbours never count.
-    Float32 rounding makes a value depend on the order in which the weights were added, so the
-    passes are reproduced exactly: pixel (i, j) is visited on wavefront t = 3i + j, on which none of
-    its forward neighbours lies (they are all on t-1..t-7), so a pass is a `lax.scan` over
-    3(H+1) + W + 2 wavefronts, each a vector of H + 2 pixels (rows) per image.
+    Equal bit for bit to `cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 5)
+    [1:-1, 1:-1]` per image (the original training clicker's distance) as OpenCV's pip builds
+    compute it: through Intel IPP, in float32, with the weights a = 1, b = 1.4f, c = 2.1969f
+    (orthogonal, diagonal, knight move). Float32 rounding makes a value depend on how the sums were
+    formed, so IPP's two raster passes over the padded image P (Hp x Wp) are reproduced exactly:
 
-    Known gap: where a float32 sum `x + 1` along a row is exactly half-way between two floats,
-    IPP sometimes keeps the larger neighbour (depending on the column's position in its vector
-    lanes), so about 4e-4 of the pixels of large masks (distances > ~30) differ by one ulp; the
-    deep-error region `dt > max / 2` was unchanged in all measured cases (docs/training-parity.md).
+    - Forward (rows top to bottom). Columns j < J = 4 * floor((Wp - 2) / 4) form groups of 4
+      (4g .. 4g+3); pixel (i, j) at position p = j - 4g in its group takes the minimum of
+      (1) for every k = 0..p and every forward neighbour n of (i, j-k) in rows i-1, i-2 (move
+      weight w): F(n) + float32(w + k), one rounding per path (the k steps along the row are folded
+      into the constant); (2) k if (i, j-k) is a zero pixel; (3) F(i, 4g-1) + (p+1), the value just
+      before the group plus the steps. Columns j >= J run one by one: F(i, j-1) + 1 and F(n) + w.
+    - Backward (rows bottom to top, right to left, one pixel at a time): the minimum of the
+      forward value, D(i, j+1) + 1 and D(n) + w over the later neighbours in rows i+1, i+2.
+
+    Neighbours outside the padded image never count. Computation: pixel (i, j) is visited on
+    wavefront t = 3i + j, on which none of its forward (backward) neighbours lies (they are all on
+    t-1..t-7, resp. t+1..t+7), so a pass is a `lax.scan` over 3(Hp-1) + Wp wavefronts, each a vector
+    of Hp pixels (rows) per image; the forward pass also carries each pixel's candidates (1) for
+    k = 1..3 to the next 3 pixels of its row.
     """
     mask = jnp.asarray(mask)
     if mask.ndim != 3:
