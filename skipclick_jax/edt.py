@@ -122,7 +122,7 @@ def _chamfer_forward(init: jax.Array, valid: jax.Array, lane: jax.Array) -> jax.
         diag = jnp.minimum(c2[:, near], c4[:, near])  # (i-1, j+1), (i-1, j-1)
         knight = jnp.minimum(jnp.minimum(c1[:, near], c5[:, near]),  # (i-1, j+2), (i-1, j-2)
                              jnp.minimum(c5[:, far], c7[:, far]))  # (i-2, j+1), (i-2, j-1)
-        # u[k]: this pixel's best start k columns left of a pixel of its group.
+        # u[k]: candidates (1), (2) of `chamfer5` that enter the row here, for the pixel k columns right.
         u = [jnp.minimum(jnp.minimum(col + jnp.float32(k), hv + w_hv[k]),
                          jnp.minimum(diag + w_diag[k], knight + w_knight[k])) for k in range(_LANES)]
         p = p[None, :]
@@ -130,7 +130,8 @@ def _chamfer_forward(init: jax.Array, valid: jax.Array, lane: jax.Array) -> jax.
         new = jnp.minimum(new, jnp.where(p >= 2, u2b, inf))
         new = jnp.minimum(new, jnp.where(p >= 3, u3c, inf))
         # The pixel just before the group, p + 1 columns left, plus p + 1 steps.
-        before = jnp.where(p == 0, c1[:, same], jnp.where(p == 1, c2[:, same], jnp.where(p == 2, c3[:, same], c4[:, same])))
+        before = jnp.where(p == 0, c1[:, same],
+                           jnp.where(p == 1, c2[:, same], jnp.where(p == 2, c3[:, same], c4[:, same])))
         new = jnp.minimum(new, before + (p + 1).astype(jnp.float32))
         new = jnp.where(ok[None, :], new, inf)
         return ((pad(new), c1, c2, c3, c4, c5, c6), (u[1], u[2], u2a, u[3], u3a, u3b)), new
@@ -193,7 +194,7 @@ def chamfer5(mask: jax.Array) -> jax.Array:
     mask = jnp.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"chamfer5: mask must be [B, H, W], got shape {mask.shape}")
-    b, h, w = mask.shape
+    _, h, w = mask.shape
     if mask.size == 0:
         return jnp.zeros(mask.shape, jnp.float32)
     hp, wp = h + 2, w + 2
@@ -214,6 +215,6 @@ def chamfer5(mask: jax.Array) -> jax.Array:
     fwd = _chamfer_forward(init, valid_t, jnp.asarray(lane.T))
     dist = _chamfer_backward(fwd, valid_t)  # [T, B, Hp]
     dist = jnp.transpose(dist, (1, 2, 0))  # [B, Hp, T]
-    back = jnp.asarray((np.arange(wp)[None, :] + 3 * rows))  # [Hp, Wp]: wavefront of pixel (i, j)
+    back = jnp.asarray(np.arange(wp)[None, :] + 3 * rows)  # [Hp, Wp]: wavefront of pixel (i, j)
     out = jnp.take_along_axis(dist, back[None], axis=2)
     return out[:, 1:-1, 1:-1]
