@@ -13,8 +13,8 @@ visiting offsets |j - k| = 1, 2, ... and stopping once (d + 1)^2 reaches max D, 
 column can then improve any pixel. Work is O(H * W * max distance), memory O(H * W).
 
 `chamfer5(mask)` is the original training clicker's distance instead: OpenCV's
-`distanceTransform(np.pad(mask, 1), DIST_L2, 5)[1:-1, 1:-1]`, the 5x5 chamfer transform, value for
-value up to rare one-ulp differences (see its docstring).
+`distanceTransform(np.pad(mask, 1), DIST_L2, 5)[1:-1, 1:-1]`, the 5x5 chamfer transform, bit for
+bit as OpenCV's pip builds compute it (through Intel IPP; see its docstring).
 """
 
 from __future__ import annotations
@@ -86,72 +86,115 @@ def edt(mask: jax.Array, valid: jax.Array | None = None) -> jax.Array:
 # knight moves.
 _HV, _DIAG, _KNIGHT = 1.0, 1.4, 2.1969
 _CHAMFER_UNROLL = 1
+_LANES = 4  # forward-pass column group width (see `chamfer5`)
 
 
-def _chamfer_pass(cols: jax.Array, valid: jax.Array, sources: jax.Array | None, reverse: bool) -> jax.Array:
-    """One raster pass of the 5x5 chamfer transform over wavefront columns (see `chamfer5`).
+def _shifted_views(n: int, hp: int, reverse: bool):
+    """Padding and row slices of a carried wavefront: (pad, same row, one row back, two rows back).
 
-    cols [T, N, Hp] float32: the pass's initial values (0 at zero pixels, +inf elsewhere for the
-    forward pass; the forward result for the backward pass); valid [T, Hp] bool marks real pixels;
-    sources [T, N, Hp] bool (forward only) marks zero pixels, which stay 0.
+    Carried wavefronts hold two +inf rows before row 0 (forward) or after row Hp-1 (backward), so
+    the neighbours one and two image rows up (down) are plain slices.
     """
-    n, hp = cols.shape[1:]
-    inf = jnp.float32(jnp.inf)
-    w_hv, w_diag, w_knight = (jnp.float32(w) for w in (_HV, _DIAG, _KNIGHT))
-    # Carried wavefronts hold two +inf rows before row 0 (forward) or after row Hp-1 (backward),
-    # so the neighbours one and two image rows up (down) are plain slices.
-    ring = jnp.full((n, 2), inf, jnp.float32)
+    ring = jnp.full((n, 2), jnp.inf, jnp.float32)
     if reverse:
-        pad, same, near, far = (lambda c: jnp.concatenate([c, ring], axis=1),
-                                slice(0, hp), slice(1, hp + 1), slice(2, hp + 2))
-    else:
-        pad, same, near, far = (lambda c: jnp.concatenate([ring, c], axis=1),
-                                slice(2, hp + 2), slice(1, hp + 1), slice(0, hp))
+        return (lambda c: jnp.concatenate([c, ring], axis=1), slice(0, hp), slice(1, hp + 1), slice(2, hp + 2))
+    return (lambda c: jnp.concatenate([ring, c], axis=1), slice(2, hp + 2), slice(1, hp + 1), slice(0, hp))
+
+
+def _chamfer_forward(init: jax.Array, valid: jax.Array, lane: jax.Array) -> jax.Array:
+    """The forward pass (see `chamfer5`) over wavefront columns t = 3i + j.
+
+    init [T, N, Hp] float32: 0 at zero pixels, +inf elsewhere; valid [T, Hp] bool marks real pixels;
+    lane [T, Hp] int32: the pixel's position p in its column group (0 outside the groups).
+    Returns the forward distances [T, N, Hp].
+    """
+    n, hp = init.shape[1:]
+    inf = jnp.float32(jnp.inf)
+    f32 = np.float32
+    # Per in-group step k: the move weight plus k horizontal steps, one float32 constant each.
+    w_hv, w_diag, w_knight = ([jnp.float32(f32(w) + f32(k)) for k in range(_LANES)] for w in (_HV, _DIAG, _KNIGHT))
+    pad, same, near, far = _shifted_views(n, hp, reverse=False)
 
     def body(carry, x):
-        c1, c2, c3, c4, c5, c6, c7 = carry  # the 7 previous wavefronts, nearest first
-        col, ok = x[0], x[1]
-        new = jnp.minimum(c1[:, same] + w_hv, c1[:, near] + w_knight)
-        new = jnp.minimum(new, c2[:, near] + w_diag)
-        new = jnp.minimum(new, c3[:, near] + w_hv)
-        new = jnp.minimum(new, c4[:, near] + w_diag)
-        new = jnp.minimum(new, c5[:, near] + w_knight)
-        new = jnp.minimum(new, c5[:, far] + w_knight)
-        new = jnp.minimum(new, c7[:, far] + w_knight)
+        (c1, c2, c3, c4, c5, c6, c7), (u1a, u2a, u2b, u3a, u3b, u3c) = carry
+        col, ok, p = x
+        hv = c3[:, near]  # (i-1, j)
+        diag = jnp.minimum(c2[:, near], c4[:, near])  # (i-1, j+1), (i-1, j-1)
+        knight = jnp.minimum(jnp.minimum(c1[:, near], c5[:, near]),  # (i-1, j+2), (i-1, j-2)
+                             jnp.minimum(c5[:, far], c7[:, far]))  # (i-2, j+1), (i-2, j-1)
+        # u[k]: candidates (1), (2) of `chamfer5` that enter the row here, for the pixel k columns right.
+        u = [jnp.minimum(jnp.minimum(col + jnp.float32(k), hv + w_hv[k]),
+                         jnp.minimum(diag + w_diag[k], knight + w_knight[k])) for k in range(_LANES)]
+        p = p[None, :]
+        new = jnp.minimum(u[0], jnp.where(p >= 1, u1a, inf))
+        new = jnp.minimum(new, jnp.where(p >= 2, u2b, inf))
+        new = jnp.minimum(new, jnp.where(p >= 3, u3c, inf))
+        # The pixel just before the group, p + 1 columns left, plus p + 1 steps.
+        before = jnp.where(p == 0, c1[:, same],
+                           jnp.where(p == 1, c2[:, same], jnp.where(p == 2, c3[:, same], c4[:, same])))
+        new = jnp.minimum(new, before + (p + 1).astype(jnp.float32))
+        new = jnp.where(ok[None, :], new, inf)
+        return ((pad(new), c1, c2, c3, c4, c5, c6), (u[1], u[2], u2a, u[3], u3a, u3b)), new
+
+    walls = tuple(jnp.full((n, hp + 2), inf, jnp.float32) for _ in range(7))
+    starts = tuple(jnp.full((n, hp), inf, jnp.float32) for _ in range(6))
+    _, out = lax.scan(body, (walls, starts), (init, valid, lane), unroll=_CHAMFER_UNROLL)
+    return out
+
+
+def _chamfer_backward(fwd: jax.Array, valid: jax.Array) -> jax.Array:
+    """The backward pass (see `chamfer5`): fwd [T, N, Hp] forward distances -> final [T, N, Hp]."""
+    n, hp = fwd.shape[1:]
+    inf = jnp.float32(jnp.inf)
+    w_hv, w_diag, w_knight = (jnp.float32(w) for w in (_HV, _DIAG, _KNIGHT))
+    pad, same, near, far = _shifted_views(n, hp, reverse=True)
+
+    def body(carry, x):
+        c1, c2, c3, c4, c5, c6, c7 = carry  # the 7 later wavefronts, nearest first
+        col, ok = x
+        new = jnp.minimum(c1[:, same] + w_hv, c1[:, near] + w_knight)  # (i, j+1), (i+1, j-2)
+        new = jnp.minimum(new, c2[:, near] + w_diag)  # (i+1, j-1)
+        new = jnp.minimum(new, c3[:, near] + w_hv)  # (i+1, j)
+        new = jnp.minimum(new, c4[:, near] + w_diag)  # (i+1, j+1)
+        new = jnp.minimum(new, c5[:, near] + w_knight)  # (i+1, j+2)
+        new = jnp.minimum(new, c5[:, far] + w_knight)  # (i+2, j-1)
+        new = jnp.minimum(new, c7[:, far] + w_knight)  # (i+2, j+1)
         new = jnp.where(ok[None, :], jnp.minimum(col, new), inf)
-        if sources is not None:
-            new = jnp.where(x[2], 0.0, new)
         return (pad(new), c1, c2, c3, c4, c5, c6), new
 
     init = tuple(jnp.full((n, hp + 2), inf, jnp.float32) for _ in range(7))
-    xs = (cols, valid) if sources is None else (cols, valid, sources)
-    _, out = lax.scan(body, init, xs, reverse=reverse, unroll=_CHAMFER_UNROLL)
+    _, out = lax.scan(body, init, (fwd, valid), reverse=True, unroll=_CHAMFER_UNROLL)
     return out
 
 
 def chamfer5(mask: jax.Array) -> jax.Array:
     """OpenCV's 5x5 chamfer distance of the zero-padded mask: bool [B, H, W] -> float32 [B, H, W].
 
-    Equal value for value to `cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 5)
-    [1:-1, 1:-1]` per image (the original training clicker's distance). OpenCV's pip builds run
-    this transform through Intel IPP, which sums the float32 weights 1, 1.4f and 2.1969f (orthogonal,
-    diagonal, knight move) in float32 along two raster passes: forward, each pixel takes the minimum
-    of (neighbour + weight) over its 8 earlier neighbours (rows i-2..i, in raster order); backward,
-    the minimum of its own value and the 8 later neighbours. Out-of-image neighbours never count.
-    Float32 rounding makes a value depend on the order in which the weights were added, so the
-    passes are reproduced exactly: pixel (i, j) is visited on wavefront t = 3i + j, on which none of
-    its forward neighbours lies (they are all on t-1..t-7), so a pass is a `lax.scan` over
-    3(H+1) + W + 2 wavefronts, each a vector of H + 2 pixels (rows) per image.
+    Equal bit for bit to `cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 5)
+    [1:-1, 1:-1]` per image (the original training clicker's distance) as OpenCV's pip builds
+    compute it: through Intel IPP, in float32, with the weights a = 1, b = 1.4f, c = 2.1969f
+    (orthogonal, diagonal, knight move). Float32 rounding makes a value depend on how the sums were
+    formed, so IPP's two raster passes over the padded image P (Hp x Wp) are reproduced exactly:
 
-    Known gap: where a float32 sum `x + 1` along a row is exactly half-way between two floats,
-    IPP sometimes keeps the larger neighbour (depending on the column's position in its vector
-    lanes), so about 4e-4 of the pixels of large masks (distances > ~30) differ by one ulp; the
-    deep-error region `dt > max / 2` was unchanged in all measured cases (docs/training-parity.md).
+    - Forward (rows top to bottom). Columns j < J = 4 * floor((Wp - 2) / 4) form groups of 4
+      (4g .. 4g+3); pixel (i, j) at position p = j - 4g in its group takes the minimum of
+      (1) for every k = 0..p and every forward neighbour n of (i, j-k) in rows i-1, i-2 (move
+      weight w): F(n) + float32(w + k), one rounding per path (the k steps along the row are folded
+      into the constant); (2) k if (i, j-k) is a zero pixel; (3) F(i, 4g-1) + (p+1), the value just
+      before the group plus the steps. Columns j >= J run one by one: F(i, j-1) + 1 and F(n) + w.
+    - Backward (rows bottom to top, right to left, one pixel at a time): the minimum of the
+      forward value, D(i, j+1) + 1 and D(n) + w over the later neighbours in rows i+1, i+2.
+
+    Neighbours outside the padded image never count. Computation: pixel (i, j) is visited on
+    wavefront t = 3i + j, on which none of its forward (backward) neighbours lies (they are all on
+    t-1..t-7, resp. t+1..t+7), so a pass is a `lax.scan` over 3(Hp-1) + Wp wavefronts, each a vector
+    of Hp pixels (rows) per image; the forward pass also carries each pixel's candidates (1) for
+    k = 1..3 to the next 3 pixels of its row.
     """
     mask = jnp.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"chamfer5: mask must be [B, H, W], got shape {mask.shape}")
-    b, h, w = mask.shape
+    _, h, w = mask.shape
     if mask.size == 0:
         return jnp.zeros(mask.shape, jnp.float32)
     hp, wp = h + 2, w + 2
@@ -166,9 +209,12 @@ def chamfer5(mask: jax.Array) -> jax.Array:
     zeros = jnp.transpose(~skew, (2, 0, 1))  # [T, B, Hp]
     valid_t = jnp.asarray(valid.T)
     init = jnp.where(zeros, 0.0, jnp.inf).astype(jnp.float32)
-    fwd = _chamfer_pass(init, valid_t, zeros, reverse=False)
-    dist = _chamfer_pass(fwd, valid_t, None, reverse=True)  # [T, B, Hp]
+    # Position in the forward pass's column groups: columns below 4 * floor((Wp - 2) / 4) only.
+    cols = np.where(valid, src_col, 0)
+    lane = np.where(cols < _LANES * ((wp - 2) // _LANES), cols % _LANES, 0).astype(np.int32)
+    fwd = _chamfer_forward(init, valid_t, jnp.asarray(lane.T))
+    dist = _chamfer_backward(fwd, valid_t)  # [T, B, Hp]
     dist = jnp.transpose(dist, (1, 2, 0))  # [B, Hp, T]
-    back = jnp.asarray((np.arange(wp)[None, :] + 3 * rows))  # [Hp, Wp]: wavefront of pixel (i, j)
+    back = jnp.asarray(np.arange(wp)[None, :] + 3 * rows)  # [Hp, Wp]: wavefront of pixel (i, j)
     out = jnp.take_along_axis(dist, back[None], axis=2)
     return out[:, 1:-1, 1:-1]
