@@ -10,10 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from skipclick_jax.defaults import MASK_THRESHOLD
+from skipclick_jax.defaults import CLICK_DISTANCES, MASK_THRESHOLD
 from skipclick_jax.edt import chamfer5, edt
 
-CLICK_DISTANCES = ("chamfer5", "exact")
+_TRANSFORMS = dict(chamfer5=chamfer5, chamfer5_fixed=lambda m: chamfer5(m, arithmetic="fixed"), exact=edt)
 
 
 def eval_next_click(
@@ -57,7 +57,8 @@ def train_next_points(
     rows (row, col, index), positives in 0..P-1, negatives in P..2P-1; click_index k >= 1.
     fn = gt & pred < thresh, fp = ~gt & pred > thresh; dt = the distance of each to the nearest
     non-error pixel with a zero ring around the image: `distance` 'chamfer5' (the original's OpenCV
-    5x5 chamfer transform, `edt.chamfer5`) or 'exact' (`edt.edt`). is_positive = max_fn > max_fp; the click
+    5x5 chamfer transform as OpenCV's IPP path computes it, `edt.chamfer5`), 'chamfer5_fixed' (as
+    OpenCV's fixed-point path does) or 'exact' (`edt.edt`). is_positive = max_fn > max_fp; the click
     is uniformly random in inner = dt > max(max_fn, max_fp) / 2 and goes to row P-k (positive) or
     2P-k (negative) as (row, col, k); nothing is written when inner is empty.
     Returns the updated points [B,2P,3] (same dtype).
@@ -73,8 +74,7 @@ def train_next_points(
     fg = gt > 0.5
     fn = fg & (pred < thresh)
     fp = ~fg & (pred > thresh)
-    transform = chamfer5 if distance == "chamfer5" else edt
-    dt_fn, dt_fp = jnp.split(transform(jnp.concatenate([fn, fp])), 2)
+    dt_fn, dt_fp = jnp.split(_TRANSFORMS[distance](jnp.concatenate([fn, fp])), 2)
     max_fn = dt_fn.max(axis=(1, 2))
     max_fp = dt_fp.max(axis=(1, 2))
     is_positive = max_fn > max_fp

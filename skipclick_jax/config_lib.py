@@ -18,7 +18,7 @@ import pathlib
 
 import ml_collections
 
-from skipclick_jax.defaults import UPSAMPLE_FACTOR
+from skipclick_jax.defaults import CLICK_DISTANCES, UPSAMPLE_FACTOR
 
 DINOV2_VITB14_REG4 = dict(
     kind="dinov2", dim=768, depth=12, heads=12, patch=14, num_registers=4, pos_grid=37, mlp_ratio=4
@@ -375,8 +375,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     need(t, "train", "pred_thresh", lambda v: _number(v) and 0 <= v <= 1, "expected a number in [0, 1]")
     need(t, "train", "profile_steps", _profile_ok, "expected '' or 'A:B' with integers 1 <= A < B "
          "(a profiler trace of steps A .. B-1)")
-    need(t, "train", "click_distance", lambda v: v in ("chamfer5", "exact"),
-         "expected 'chamfer5' (OpenCV's 5x5 chamfer, the original's) or 'exact' (Euclidean)")
+    need(t, "train", "click_distance", lambda v: v in CLICK_DISTANCES,
+         f"expected one of {CLICK_DISTANCES}: OpenCV's 5x5 chamfer as its IPP path (the original's "
+         "on x86) or its fixed-point path computes it, or the exact Euclidean distance")
     if "optimizer" in t:
         need(t.optimizer, "train.optimizer", "lr", lambda v: _number(v) and not v < 0,
              "expected a number >= 0")

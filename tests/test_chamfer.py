@@ -1,6 +1,8 @@
 """edt.chamfer5 against OpenCV's 5x5 chamfer transform, and the training clicker against a NumPy +
 OpenCV re-statement of the original `get_next_points` (every pixel it can pick, and only those)."""
 
+import contextlib
+
 import cv2
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,18 @@ pytestmark = pytest.mark.usefixtures("on_cpu")  # bit-exact on CPU
 _chamfer5 = jax.jit(chamfer5)
 
 
+@contextlib.contextmanager
+def opencv_ipp(enabled: bool):
+    """OpenCV with its Intel IPP path (pip wheels on x86) or its portable fixed-point code."""
+    before = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(enabled)
+    try:
+        assert cv2.ipp.useIPP() == enabled, "this OpenCV build cannot switch its IPP path"
+        yield
+    finally:
+        cv2.ipp.setUseIPP(before)
+
+
 def reference(mask):
     """The original training clicker's distance: pad 1 px of zeros, OpenCV DIST_L2 mask 5, crop."""
     return cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
@@ -26,7 +40,8 @@ def check(masks):
     masks = np.asarray(masks, bool)
     out = np.asarray(_chamfer5(jnp.asarray(masks)))
     assert out.dtype == np.float32 and out.shape == masks.shape
-    np.testing.assert_array_equal(out, np.stack([reference(m) for m in masks]))
+    with opencv_ipp(True):
+        np.testing.assert_array_equal(out, np.stack([reference(m) for m in masks]))
 
 
 def blobs(rng, b, h, w, holes=True):
@@ -87,6 +102,27 @@ def test_shapes_and_errors():
     assert chamfer5(jnp.zeros((0, 4, 5), bool)).shape == (0, 4, 5)
     with pytest.raises(ValueError, match=r"\[B, H, W\]"):
         chamfer5(jnp.zeros((4, 5), bool))
+    with pytest.raises(ValueError, match="arithmetic must be one of"):
+        chamfer5(jnp.zeros((1, 4, 5), bool), arithmetic="float64")
+
+
+def test_fixed_point_arithmetic_equals_opencv_without_ipp():
+    """arithmetic="fixed" equals OpenCV's portable 16.16 fixed-point code (builds without IPP) bit
+    for bit, on masks where it differs from the IPP result in most pixels."""
+    rng = np.random.default_rng(7)
+    masks = [rng.random((1, h, w)) < d for (h, w), d in
+             [((1, 1), 1.0), ((5, 9), 0.5), ((64, 48), 0.99), ((130, 97), 0.999), ((200, 301), 1.0)]]
+    masks += [blobs(rng, 3, 120, 140), np.ones((1, 96, 96), bool)]
+    masks[-1][0, 40, 50] = False
+    fixed = jax.jit(lambda m: chamfer5(m, arithmetic="fixed"))
+    differs = 0
+    for m in masks:
+        out = np.asarray(fixed(jnp.asarray(m)))
+        assert out.dtype == np.float32 and out.shape == m.shape
+        with opencv_ipp(False):
+            np.testing.assert_array_equal(out, np.stack([reference(x) for x in m]))
+        differs += (out != np.asarray(_chamfer5(jnp.asarray(m)))).sum()
+    assert differs > 1000
 
 
 def plain_raster(mask):
@@ -189,10 +225,12 @@ def random_pair(rng, h, w):
     return pred.astype(np.float32), gt
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_train_clicker_candidates_equal_the_original_rule(seed):
+@pytest.mark.parametrize("seed,distance", [(0, "chamfer5"), (1, "chamfer5"), (2, "chamfer5"),
+                                           (3, "chamfer5"), (4, "chamfer5_fixed"), (5, "chamfer5_fixed")])
+def test_train_clicker_candidates_equal_the_original_rule(seed, distance):
     """Every pixel the JAX clicker picks is in the original's `inner`, and over many keys every
-    pixel of `inner` is picked; is_positive (the slot) and the untouched slots agree."""
+    pixel of `inner` is picked; is_positive (the slot) and the untouched slots agree. 'chamfer5' is
+    checked against OpenCV with IPP, 'chamfer5_fixed' against OpenCV without."""
     rng = np.random.default_rng(seed)
     h, w, num, copies, n_pairs = 11, 14, 3, 128, 6
     pairs = [random_pair(rng, h, w) for _ in range(n_pairs)]
@@ -201,27 +239,29 @@ def test_train_clicker_candidates_equal_the_original_rule(seed):
     points = np.full((len(pred), 2 * num, 3), -1.0, np.float32)
     points[:, 0] = (1.0, 2.0, 0.0)
     points[:, num] = (3.0, 4.0, 0.0)
-    fn = jax.jit(train_next_points, static_argnames="click_index")
-    for k in (1, 2, 3):
-        picked = [np.zeros((h, w), bool) for _ in range(n_pairs)]
-        for key in range(3):
-            out = np.asarray(fn(jax.random.key(100 * k + key), jnp.asarray(pred), jnp.asarray(gt),
-                                jnp.asarray(points), click_index=k))
-            for n in range(n_pairs):
-                is_pos, inner, slot = reference_get_next_points(pairs[n][0], pairs[n][1], points[0], k)
-                for c in range(n * copies, (n + 1) * copies):
-                    changed = np.flatnonzero((out[c] != points[c]).any(axis=1)).tolist()
-                    if slot is None:
-                        assert changed == [], (n, k)
-                        continue
-                    assert changed == [slot], (n, k, is_pos)
-                    row, col, idx = out[c, slot]
-                    assert idx == k and row == int(row) and col == int(col)
-                    assert inner[int(row), int(col)], (n, k, row, col)
-                    picked[n][int(row), int(col)] = True
-        for n in range(n_pairs):
-            _, inner, _ = reference_get_next_points(pairs[n][0], pairs[n][1], points[0], k)
-            np.testing.assert_array_equal(picked[n], inner, err_msg=f"pair {n} click {k}")
+    fn = jax.jit(train_next_points, static_argnames=("click_index", "distance"))
+    with opencv_ipp(distance == "chamfer5"):
+        for k in (1, 2, 3):
+            ref = [reference_get_next_points(p, g, points[0], k) for p, g in pairs]
+            picked = [np.zeros((h, w), bool) for _ in range(n_pairs)]
+            for key in range(12):  # more keys until every candidate was drawn (deterministic)
+                out = np.asarray(fn(jax.random.key(100 * k + key), jnp.asarray(pred), jnp.asarray(gt),
+                                    jnp.asarray(points), click_index=k, distance=distance))
+                for n, (is_pos, inner, slot) in enumerate(ref):
+                    for c in range(n * copies, (n + 1) * copies):
+                        changed = np.flatnonzero((out[c] != points[c]).any(axis=1)).tolist()
+                        if slot is None:
+                            assert changed == [], (n, k)
+                            continue
+                        assert changed == [slot], (n, k, is_pos)
+                        row, col, idx = out[c, slot]
+                        assert idx == k and row == int(row) and col == int(col)
+                        assert inner[int(row), int(col)], (n, k, row, col)
+                        picked[n][int(row), int(col)] = True
+                if all((p == r[1]).all() for p, r in zip(picked, ref)):
+                    break
+            for n, (_, inner, _) in enumerate(ref):
+                np.testing.assert_array_equal(picked[n], inner, err_msg=f"pair {n} click {k}")
 
 
 def test_click_distance_config_is_validated():
@@ -229,8 +269,9 @@ def test_click_distance_config_is_validated():
 
     cfg = get_config()
     assert cfg.train.click_distance == "chamfer5"
-    cfg.train.click_distance = "exact"
-    validate_config(cfg)
+    for name in ("exact", "chamfer5_fixed"):
+        cfg.train.click_distance = name
+        validate_config(cfg)
     cfg.train.click_distance = "chamfer3"
     with pytest.raises(ConfigError, match="train.click_distance='chamfer3'"):
         validate_config(cfg)

@@ -10,6 +10,12 @@ UPSAMPLE_FACTOR = {"x1": 1, "x2": 2, "x4": 4}
 """The head's `upsample` mode -> its pixel-shuffle factor u (the classifier has embed_dim // u
 channels; the logits come out at u x the head's resolution)."""
 
+CLICK_DISTANCES = ("chamfer5", "chamfer5_fixed", "exact")
+"""The training clicker's distance transforms (`train.click_distance`): OpenCV's 5x5 chamfer
+distance as its Intel IPP path computes it (x86 pip wheels, the original's), as OpenCV's own 16.16
+fixed-point code computes it (builds without IPP), or the exact Euclidean one (`edt.chamfer5`,
+`edt.edt`)."""
+
 MULTI_POINT_SAMPLER = dict(
     max_num_points=24,
     prob_gamma=0.80,
