@@ -320,3 +320,24 @@ def test_profile_range_and_peak_table():
     assert peak_tflops("cpu") is None and peak_tflops("NVIDIA GeForce RTX 4090") is None
     compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
     assert step_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.05)
+
+
+def test_step_timer_intervals_and_account():
+    from skipclick_jax.train.timing import StepTimer
+
+    timer = StepTimer(batch_size=8, flops_per_step=4e12, device_kind="NVIDIA H100 80GB HBM3", started=0.0)
+    timer.add("compile", 30.0)
+    timer.add("eval", 20.0, in_steps=False)  # the untrained evaluation before the first step
+    for _ in range(2):
+        timer.add("input", 0.5)
+        timer.add("compute", 1.0)
+        timer.add("host", 0.25)
+        timer.step_done()
+    timer.add("checkpoint", 0.5)
+    m = timer.interval()
+    assert m["step_time_s"] == pytest.approx(2.0) and m["host_s"] == pytest.approx(0.5)
+    assert m["input_wait_s"] == pytest.approx(0.5) and m["compute_s"] == pytest.approx(1.0)
+    assert m["samples_per_sec"] == pytest.approx(4.0) and m["tflops_per_device"] == pytest.approx(2.0)
+    assert m["mfu"] == pytest.approx(2.0 / 989)
+    assert timer.total["eval"] == 20.0 and timer.interval()["step_time_s"] == 0.0  # a new interval
+    assert "compile 30.0 s, input 1.0 s, compute 2.0 s, host 0.5 s, checkpoint 0.5 s, eval 20.0 s" in timer.account()

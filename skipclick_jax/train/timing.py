@@ -83,9 +83,12 @@ class StepTimer:
         finally:
             self.add(name, time.perf_counter() - t)
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, *, in_steps: bool = True) -> None:
+        """Counts `seconds` of phase `name`; in_steps=False: work before the first step (only in
+        the run's account, not in a step time)."""
         self.total[name] += seconds
-        self._interval[name] += seconds
+        if in_steps:
+            self._interval[name] += seconds
 
     def step_done(self) -> None:
         self._steps += 1

@@ -132,9 +132,12 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
         checkpointing.truncate_metrics(workdir / "metrics.jsonl", start)
 
     writer = Writer(workdir)
+    untrained_eval_s = 0.0  # counted as evaluation in the run's account
     if start == 0 and tc.eval_untrained and eval_datasets:
+        t_eval = time.perf_counter()
         _evaluate(cfg, eval_datasets, _local_model(graphdef, state.params, frozen),
                   workdir / "eval" / "untrained", writer, 0)
+        untrained_eval_s = time.perf_counter() - t_eval
 
     # ------------------------------------------------------------------ Train loop
     def check(step: int, metrics) -> dict[str, float]:
@@ -181,6 +184,7 @@ def _train_and_evaluate(cfg, workdir, init_from, cleanup: contextlib.ExitStack, 
                     timer = StepTimer(batch_size=tc.batch_size, flops_per_step=step_flops(compiled),
                                       device_kind=jax.devices()[0].device_kind, started=t_start)
                     timer.add("compile", compile_s)
+                    timer.add("eval", untrained_eval_s, in_steps=False)
                     t_input += compile_s
                     t_compute = time.perf_counter()
                 timer.add("input", t_compute - t_input)
