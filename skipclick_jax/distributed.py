@@ -14,6 +14,9 @@ healthy peer is declared dead; so `heartbeat_timeout` must be at least twice the
 healthy process 0 can have (compiling alone does not stall it: its service answers within
 milliseconds). A process that cannot reach the others at start-up gives up after `init_timeout`
 seconds.
+
+On CPU, several processes compile their programs without the persistent compilation cache (see
+`initialize`).
 """
 
 from __future__ import annotations
@@ -94,6 +97,13 @@ def initialize(launch: Launch) -> None:
         initialization_timeout=launch.init_timeout,
         heartbeat_timeout_seconds=launch.heartbeat_timeout,
         shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # Every process compiles its programs itself: none reads the persistent compilation
+        # cache. jax writes that cache from process 0 only, under keys the other processes do
+        # not compute, so with a warm cache process 0 ran the executable it read back while the
+        # others ran their own compile, and on jax 0.12 the two kinds deadlocked in their first
+        # all-to-all between processes (gloo; the two-process (4, 2) training step hung at step 1).
+        jax.config.update("jax_enable_compilation_cache", False)
     log.info("process %d of %d joined (%d local / %d global devices)", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
 

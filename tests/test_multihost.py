@@ -176,15 +176,7 @@ def _runs(tmp: pathlib.Path, tfds: pathlib.Path, fsdp: int, kill: bool) -> dict:
 
 # The default suite runs the (4, 2) mesh straight through; the data mesh 8 (slow) is also killed
 # and resumed.
-# jax >= 0.12 (CI leg 2): on 2026-12-06 one of two CI runs hung after the first step of the
-# two-process (4, 2) run (no error, both processes alive, 480 s launch timeout; issue #22 stays open
-# for it). Skipped there, with this reason, until the hang is understood; jax 0.10 runs it.
-_HANGS_ON_JAX_012 = pytest.mark.skipif(
-    tuple(int(p) for p in __import__("jax").__version__.split(".")[:2]) >= (0, 12),
-    reason="intermittent hang after step 1 of the two-process mesh4x2 run on jax >= 0.12 (issue #22)")
-
-
-@pytest.fixture(scope="module", params=[pytest.param((2, False), id="mesh4x2", marks=_HANGS_ON_JAX_012),
+@pytest.fixture(scope="module", params=[pytest.param((2, False), id="mesh4x2"),
                                         pytest.param((1, True), id="mesh8-killed", marks=pytest.mark.slow)])
 def runs(request, tmp_path_factory, tfds_dir):
     fsdp, kill = request.param
@@ -247,6 +239,30 @@ def test_multihost_eval_cli_matches_one_process(runs, tfds_dir, tmp_path):
     Launch([str(ROOT / "eval.py"), "--checkpoint", str(runs["ref"]), "--dataset", "Synthetic=",
             "--out", str(out), "--data-dir", str(tfds_dir)], 2, tmp_path / "eval").check()
     assert _eval_files(out) == _eval_files(runs["ref"] / "eval" / f"step_{STEPS}")
+
+
+_CACHE_PROBE = """import argparse, jax
+from skipclick_jax import distributed
+from skipclick_jax.runtime import enable_compilation_cache
+parser = argparse.ArgumentParser()
+distributed.add_arguments(parser)
+distributed.initialize(distributed.launch_from_args(parser.parse_args()))
+enable_compilation_cache()  # as train.py and eval.py do, after joining
+print("persistent cache", jax.config.jax_enable_compilation_cache, "of", jax.process_count(), flush=True)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_multihost_processes_compile_without_the_persistent_cache(nproc, tmp_path):
+    """Several CPU processes never read the persistent compilation cache: jax writes it from process
+    0 only, under keys the others do not compute, and process 0 running the executable it read back
+    against the others' own compiles deadlocked the two-process (4, 2) training step on jax 0.12.
+    One process keeps the cache."""
+    launch = Launch(["-c", _CACHE_PROBE], nproc, tmp_path / "probe")
+    launch.check()
+    for i in range(nproc):
+        assert f"persistent cache {nproc == 1} of {nproc}" in launch.text(i), launch.tail()
 
 
 # ----------------------------------------------------------------------------- failures
