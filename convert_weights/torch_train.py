@@ -37,8 +37,14 @@ def normalized_focal_loss(logits: torch.Tensor, label: torch.Tensor, alpha: floa
 
 
 def get_next_points(pred: torch.Tensor, gt: torch.Tensor, points: torch.Tensor, click_index: int,
-                    rng: np.random.RandomState, pred_thresh: float = 0.49) -> torch.Tensor:
-    """The original training clicker: pred, gt [B,1,H,W], points [B,2P,3] -> updated copy."""
+                    rng: np.random.RandomState, pred_thresh: float = 0.49,
+                    given: np.ndarray | None = None) -> torch.Tensor:
+    """The original training clicker: pred, gt [B,1,H,W], points [B,2P,3] -> updated copy.
+
+    `given` [B,2P,3] (optional): instead of drawing the pixel, take it from these points (another
+    implementation's clicks) at the slot this rule chooses; AssertionError unless it holds this
+    click's index and is one of this rule's candidates.
+    """
     pred = pred.numpy()[:, 0]
     gt = gt.numpy()[:, 0] > 0.5
     fn = np.pad(np.logical_and(gt, pred < pred_thresh), ((0, 0), (1, 1), (1, 1))).astype(np.uint8)
@@ -53,22 +59,31 @@ def get_next_points(pred: torch.Tensor, gt: torch.Tensor, points: torch.Tensor, 
         dt = dt_fn if is_positive else dt_fp
         indices = np.argwhere(dt > max(fn_max, fp_max) / 2.0)
         if len(indices) > 0:
-            row, col = indices[rng.randint(0, len(indices))]
             slot = num - click_index if is_positive else 2 * num - click_index
+            if given is None:
+                row, col = indices[rng.randint(0, len(indices))]
+            else:
+                row, col, index = (int(v) for v in given[b, slot])
+                assert index == click_index, (
+                    f"sample {b}, click {click_index}: slot {slot} (is_positive={is_positive}) of the "
+                    f"given points holds click {index}")
+                assert dt[row, col] > max(fn_max, fp_max) / 2.0, (
+                    f"sample {b}, click {click_index}: the given pixel ({row}, {col}) is not a candidate")
             points[b, slot] = torch.tensor([float(row), float(col), float(click_index)])
     return points
 
 
 def batch_forward(net: SkipClickTorch, image: torch.Tensor, gt: torch.Tensor, points: torch.Tensor,
                   num_clicks: int, rng: np.random.RandomState, dropout: bool = True,
-                  pred_thresh: float = 0.49, **loss_kw) -> torch.Tensor:
-    """image [B,3,S,S] in [0,1], gt [B,1,S,S], points [B,2P,3] -> the scalar training loss."""
+                  pred_thresh: float = 0.49, given: np.ndarray | None = None, **loss_kw) -> torch.Tensor:
+    """image [B,3,S,S] in [0,1], gt [B,1,S,S], points [B,2P,3] -> the scalar training loss
+    (`given`: see `get_next_points`)."""
     prev = torch.zeros_like(gt)
     with torch.no_grad():
         for i in range(num_clicks):
             net.eval()
             prev = torch.sigmoid(net(torch.cat([image, prev], dim=1), points)["instances"])
-            points = get_next_points(prev, gt, points, i + 1, rng, pred_thresh)
+            points = get_next_points(prev, gt, points, i + 1, rng, pred_thresh, given)
             net.train()
     net.train()
     if not dropout:
@@ -85,8 +100,13 @@ def step_lr(train_cfg, steps_per_epoch: int, step: int) -> float:
 
 def run_steps(net: SkipClickTorch, batches: dict[str, np.ndarray], train_cfg, *, frozen_backbone: bool,
               steps_per_epoch: int, dropout: bool = True, seed: int = 0,
-              dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+              dtype: torch.dtype = torch.float32,
+              given_points: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """K Adam steps of `batch_forward` on `batches` (the `train_parity` .npz arrays).
+
+    `given_points` [K,B,2P,3] (e.g. the `points` written by `train_parity`): simulated clicks take
+    their pixels from these, each checked to be a candidate of the original rule, so that steps
+    with clicks compare deterministically.
 
     `dtype` float64 gives the (nearly) exact result the float32 runs are measured against.
     Returns {'loss': [K], 'grad_norm': [K], 'grad/<key>': first step's gradient of each trainable
@@ -111,7 +131,9 @@ def run_steps(net: SkipClickTorch, batches: dict[str, np.ndarray], train_cfg, *,
         points = torch.from_numpy(np.asarray(batches["points"][k], np.float32)).to(dtype)
         optim.zero_grad()
         loss = batch_forward(net, image, gt, points, int(batches["num_clicks"][k]), rng, dropout,
-                             float(train_cfg.pred_thresh), **dict(train_cfg.loss))
+                             float(train_cfg.pred_thresh),
+                             None if given_points is None else np.asarray(given_points[k]),
+                             **dict(train_cfg.loss))
         loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))

@@ -10,8 +10,9 @@ deterministic, or with --no-dropout fully so). The tool imports the checkpoint's
 model of `C` (its `model` section), builds the optimizer and learning-rate schedule of `C`'s `train`
 section, and runs `skipclick_jax.train.step.make_train_step` K times (float32, matmul precision
 'highest'). `O.npz` receives `loss` [K], `grad_norm` [K], `grad/<key>` (step 1's gradient of every
-trainable parameter) and `param/<key>` (every state-dict entry after the K steps), keys and layouts
-those of the original PyTorch state dict. `convert_weights.torch_train.run_steps` writes the same
+trainable parameter), `param/<key>` (every state-dict entry after the K steps), keys and layouts
+those of the original PyTorch state dict, and `points` float32 [K, B, 2P, 3] (the click points of
+each step's loss forward, i.e. `points` with the step's simulated clicks written in). `convert_weights.torch_train.run_steps` writes the same
 arrays for the PyTorch restatement of the original trainer (docs/training-parity.md).
 """
 
@@ -99,16 +100,18 @@ def run(checkpoint, cfg: ml_collections.ConfigDict, batches: dict[str, np.ndarra
         graphdef, tx, schedule, max_num_next_clicks=tc.max_num_next_clicks,
         pred_thresh=tc.pred_thresh, click_distance=tc.click_distance, **tc.loss,
         backbone_train_mode=tc.get("backbone_train_mode", True), dropout=dropout, with_grads=True))
-    losses, norms, first_grads = [], [], None
+    losses, norms, first_grads, points = [], [], None, []
     for k in tqdm(range(len(batches["num_clicks"])), desc="train steps", unit="step"):
         batch = dict(image=jnp.asarray(batches["images"][k]), points=jnp.asarray(batches["points"][k]),
                      gt=jnp.asarray(batches["gt"][k]), num_clicks=jnp.int32(batches["num_clicks"][k]))
         state, metrics = step(state, frozen, batch)
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
+        points.append(np.asarray(jax.device_get(metrics["points"]), np.float32))
         if first_grads is None:
             first_grads = jax.device_get(metrics["grads"])
-    out = {"loss": np.asarray(losses, np.float32), "grad_norm": np.asarray(norms, np.float32)}
+    out = {"loss": np.asarray(losses, np.float32), "grad_norm": np.asarray(norms, np.float32),
+           "points": np.stack(points)}
     out.update({f"grad/{k}": v for k, v in to_torch_tree(first_grads, cfg.model).items()})
     final = nnx.state(model)
     nnx.replace_by_pure_dict(final, state_lib.merge_dicts(jax.device_get(state.params), frozen))

@@ -27,10 +27,12 @@ K, B, S, LR = 5, 2, 112, 5e-5
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
-def make_inputs(tmp_path, seed=0):
+def make_inputs(tmp_path, seed=0, num_clicks=(0,) * K, logit_shift=0.0):
     cfg = get_config()
     cfg.model.crop_size = S
-    torch.save(build_reference(cfg.model, seed=seed).state_dict(), tmp_path / "init.pth")
+    state = build_reference(cfg.model, seed=seed).state_dict()
+    state["head.conv_seg.bias"] += logit_shift  # moves the logits away from the click threshold
+    torch.save(state, tmp_path / "init.pth")
     rng = np.random.default_rng(seed)
     p = cfg.model.num_max_points
     yy, xx = np.mgrid[:S, :S]
@@ -45,12 +47,12 @@ def make_inputs(tmp_path, seed=0):
             points[k, b, 0] = (int(cy), int(cx), 0)
             points[k, b, p] = (rng.integers(0, S), rng.integers(0, S), 0)
     images = rng.integers(0, 256, (K, B, S, S, 3), dtype=np.uint8)
-    np.savez(tmp_path / "b.npz", images=images, points=points, gt=gt, num_clicks=np.zeros(K, int))
+    np.savez(tmp_path / "b.npz", images=images, points=points, gt=gt, num_clicks=np.asarray(num_clicks))
     return cfg
 
 
-def run_both(tmp_path, frozen):
-    cfg = make_inputs(tmp_path)
+def run_both(tmp_path, frozen, num_clicks=(0,) * K, logit_shift=0.0, seed=0):
+    cfg = make_inputs(tmp_path, seed, num_clicks, logit_shift)
     cfg.model.backbone.frozen = frozen
     cfg.train.optimizer.lr = LR
     argv = ["--checkpoint", str(tmp_path / "init.pth"), "--config", "configs/test_tiny.py",
@@ -67,7 +69,8 @@ def run_both(tmp_path, frozen):
         net.load_state_dict(torch.load(tmp_path / "init.pth"))
         ref[name] = torch_train.run_steps(
             net, batches, cfg.train, frozen_backbone=frozen, dropout=False, dtype=dtype,
-            steps_per_epoch=cfg.data.epoch_len // cfg.train.batch_size)
+            steps_per_epoch=cfg.data.epoch_len // cfg.train.batch_size,
+            given_points=jax_out["points"] if any(num_clicks) else None)
     return init, jax_out, ref
 
 
@@ -107,6 +110,37 @@ def check(init, out, t64, t32, frozen):
 def test_frozen_backbone_steps_match_the_original_trainer(tmp_path):
     init, out, ref = run_both(tmp_path, frozen=True)
     check(init, out, ref["t64"], ref["t32"], frozen=True)
+
+
+def test_steps_with_simulated_clicks_match_given_the_same_pixels(tmp_path, monkeypatch):
+    """A first step with 3 simulated clicks, then 4 deterministic steps. Each side's rule would draw
+    its own random candidate, so the reference takes the project's pixels, checking that each holds
+    the click's index at the slot the original rule picks and lies in that rule's candidate set of
+    the reference's own predictions; then losses, gradients and parameters compare as for
+    deterministic steps. The classifier's bias is shifted by +1.5 so that no prediction lies within
+    rounding of the threshold (asserted: every pixel is predicted foreground by a margin, so the
+    float32 and float64 candidate sets are the same and the clicks are negative ones, deep in the
+    background). Only the first step clicks: later steps start from parameters whose updates differ
+    by Adam's amplified rounding noise (module docstring), enough to move a pixel across the
+    threshold of an unshifted model."""
+    margins, rule = [], torch_train.get_next_points
+
+    def measured(pred, gt, points, click_index, rng, thresh, given=None):
+        margins.append(float((pred.double() - thresh).abs().min()))
+        return rule(pred, gt, points, click_index, rng, thresh, given)
+
+    monkeypatch.setattr(torch_train, "get_next_points", measured)
+    num_clicks = (3, 0, 0, 0, 0)
+    init, out, ref = run_both(tmp_path, frozen=True, num_clicks=num_clicks, logit_shift=1.5)
+    assert len(margins) == 2 * sum(num_clicks) and min(margins) > 0.1, margins
+    check(init, out, ref["t64"], ref["t32"], frozen=True)
+    given = dict(np.load(tmp_path / "b.npz"))["points"]
+    p = out["points"].shape[2] // 2
+    for k, n in enumerate(num_clicks):
+        written = (out["points"][k] != given[k]).any(axis=2)
+        assert written.sum() <= n * B, k  # at most one slot per click and sample
+        for i in range(1, n + 1):  # click i wrote (row, col, i) to slot P-i or 2P-i of a sample
+            assert (out["points"][k][:, [p - i, 2 * p - i], 2] == i).any(), (k, i)
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ def simulate_clicks(
 ) -> tuple[jax.Array, jax.Array]:
     """`num_clicks` (traced, 0..max) eval-mode rounds of predict -> sigmoid -> next training click.
 
-    `click_distance` is the training clicker's distance transform ('chamfer5' | 'exact', see
+    `click_distance` is the training clicker's distance transform (`defaults.CLICK_DISTANCES`, see
     `clicks.train_next_points`). No gradient flows through the simulation. Returns (prev_mask float32 [B,S,S], points [B,2P,3]).
     """
     params, frozen, enc = jax.lax.stop_gradient((params, frozen, enc))
@@ -88,11 +88,12 @@ def make_train_step(
     With `backbone_train_mode`, a backbone whose training mode differs (DINOv3: RoPE coordinate
     rescale) is run again in training mode for the loss forward, as the original trainer does;
     the click simulation stays eval-mode. `click_distance` picks the training clicker's distance
-    ('chamfer5', the original's, or 'exact').
+    (`defaults.CLICK_DISTANCES`; 'chamfer5' is the original's).
     metrics: float32 scalars loss, iou (prediction at `pred_thresh`), grad_norm, lr, num_clicks.
     For parity checks (`convert_weights.train_parity`): a batch entry `num_clicks` (int32 []) sets
     the simulated clicks instead of drawing them, `dropout=False` switches the head's Dropout2d off,
-    and `with_grads=True` adds the gradient tree as metrics['grads'].
+    and `with_grads=True` adds the gradient tree as metrics['grads'] and the click points of the loss
+    forward (after the simulated clicks, [B,2P,3]) as metrics['points'].
     """
     check_remat(remat, remat_policy)
     check_click_distance(click_distance)
@@ -115,9 +116,9 @@ def make_train_step(
                 enc = model.encode_image(batch["image"], rng=k_backbone)
             logits = model.decode_clicks(enc, prev, points, dropout_rng=k_drop if dropout else None)
             loss = normalized_focal_loss(logits, batch["gt"], alpha=alpha, gamma=gamma, eps=eps)
-            return loss.mean(), logits
+            return loss.mean(), (logits, points)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, points)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(
@@ -129,6 +130,7 @@ def make_train_step(
         )
         if with_grads:
             metrics["grads"] = grads
+            metrics["points"] = points
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
