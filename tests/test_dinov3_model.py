@@ -22,13 +22,13 @@ timm = pytest.importorskip("timm")
 
 from convert_weights import verify  # noqa: E402
 from convert_weights.convert import export_weights, main as convert_main  # noqa: E402
-from convert_weights.dump_stages import main as dump_main  # noqa: E402
 from convert_weights.tolerances import table_for, tolerance  # noqa: E402
 from convert_weights.torch_reference import build_reference, randomize_, timm_dinov3  # noqa: E402
 from skipclick_jax import checkpoint, config_lib  # noqa: E402
 from skipclick_jax.weights import CheckpointError, mapping  # noqa: E402
 from skipclick_jax.weights.importer import import_weights  # noqa: E402
 from tests.test_convert import assert_same_state_dict  # noqa: E402
+from tests.test_parity import check_dump_stages  # noqa: E402
 
 PREFIX = mapping.DINOV3_PREFIX
 
@@ -252,17 +252,7 @@ def test_timm_layout_imports_with_default_periods(tiny_pair, tmp_path):
 def test_verify_and_dump_stages_cli(tiny_pair, tmp_path, capsys):
     ref, model, cfg = tiny_pair
     ckpt = export_weights(model, cfg, tmp_path / "tiny_dinov3.pth")
-    image, prev, points = verify.example_inputs(224, 160, seed=1)
-    np.savez(tmp_path / "in.npz", image=image[0], prev_mask=prev[0], points=points)
-    assert dump_main(["--checkpoint", str(ckpt), "--inputs", str(tmp_path / "in.npz"),
-                      "--out", str(tmp_path / "out.npz")]) == 0
-    with torch.no_grad():
-        expected = ref.forward_stages(torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255,
-                                      torch.from_numpy(prev)[:, None], torch.from_numpy(points))
-    with np.load(tmp_path / "out.npz") as dumped:
-        assert sorted(dumped.files) == sorted(expected)
-        for k, v in expected.items():
-            assert np.max(np.abs(dumped[k] - v.numpy())) <= tolerance(k, "dinov3_tiny")[0], k
+    check_dump_stages(ref, ckpt, tmp_path, (224, 160), "dinov3_tiny")
     assert verify.main(["--checkpoint", str(ckpt), "--size", "224", "160"]) == 0
     assert "PASS" in capsys.readouterr().out
 

@@ -217,10 +217,10 @@ def test_vitb_backbone_taps_match_timm(vitb_pair, size):
     assert_rows_ok(rows, f"ViT-B taps {size}")
 
 
-def test_dump_stages_and_verify_cli(tiny_pair, tmp_path, capsys):
-    ref, model, cfg = tiny_pair
-    ckpt = export_weights(model, cfg, tmp_path / "tiny.pth")
-    image, prev, points = verify.example_inputs(224, 224, seed=1)
+def check_dump_stages(ref, ckpt, tmp_path, size: tuple[int, int], table: str):
+    """`dump_stages` on `ckpt` writes every stage of the PyTorch reference `ref`, float32, within
+    the abs tolerances of `table`; returns the inputs (image, prev, points) it used."""
+    image, prev, points = verify.example_inputs(*size, seed=1)
     np.savez(tmp_path / "in.npz", image=image[0], prev_mask=prev[0], points=points)
     assert dump_main(["--checkpoint", str(ckpt), "--inputs", str(tmp_path / "in.npz"),
                       "--out", str(tmp_path / "out.npz")]) == 0
@@ -231,8 +231,15 @@ def test_dump_stages_and_verify_cli(tiny_pair, tmp_path, capsys):
         assert sorted(dumped.files) == sorted(expected)
         for k, v in expected.items():
             assert dumped[k].dtype == np.float32 and dumped[k].shape == tuple(v.shape), k
-            tol_abs, _ = tolerances.tolerance(k, "dinov2_tiny")
+            tol_abs, _ = tolerances.tolerance(k, table)
             assert np.max(np.abs(dumped[k] - v.numpy())) <= tol_abs, k
+    return image, prev, points
+
+
+def test_dump_stages_and_verify_cli(tiny_pair, tmp_path, capsys):
+    ref, model, cfg = tiny_pair
+    ckpt = export_weights(model, cfg, tmp_path / "tiny.pth")
+    image, prev, points = check_dump_stages(ref, ckpt, tmp_path, (224, 224), "dinov2_tiny")
     np.savez(tmp_path / "bad.npz", image=image[0].astype(np.float32), prev_mask=prev[0], points=points)
     assert dump_main(["--checkpoint", str(ckpt), "--inputs", str(tmp_path / "bad.npz"),
                       "--out", str(tmp_path / "x.npz")]) == 2
