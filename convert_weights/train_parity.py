@@ -12,7 +12,8 @@ section, and runs `skipclick_jax.train.step.make_train_step` K times (float32, m
 'highest'). `O.npz` receives `loss` [K], `grad_norm` [K], `grad/<key>` (step 1's gradient of every
 trainable parameter), `param/<key>` (every state-dict entry after the K steps), keys and layouts
 those of the original PyTorch state dict, and `points` float32 [K, B, 2P, 3] (the click points of
-each step's loss forward, i.e. `points` with the step's simulated clicks written in). `convert_weights.torch_train.run_steps` writes the same
+each step's loss forward, i.e. `points` with the step's simulated clicks written in).
+`convert_weights.torch_train.run_steps` writes the same
 arrays for the PyTorch restatement of the original trainer (docs/training-parity.md).
 """
 

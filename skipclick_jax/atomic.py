@@ -28,6 +28,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[pathlib.Path], object
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where the kernel reports it (Linux): os.umask
+    can only set it, which would briefly give other threads' new files the mask 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

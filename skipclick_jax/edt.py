@@ -181,8 +181,8 @@ def _chamfer_backward(fwd: jax.Array, valid: jax.Array, arithmetic: str) -> jax.
 def chamfer5(mask: jax.Array, arithmetic: str = "ipp") -> jax.Array:
     """OpenCV's 5x5 chamfer distance of the zero-padded mask: bool [B, H, W] -> float32 [B, H, W].
 
-    arithmetic="ipp" (the default): equal bit for bit to `cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 5)
-    [1:-1, 1:-1]` per image (the original training clicker's distance) as OpenCV's pip builds
+    arithmetic="ipp" (the default): equal bit for bit to
+    `cv2.distanceTransform(np.pad(m, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]` per image (the original training clicker's distance) as OpenCV's pip builds
     compute it: through Intel IPP, in float32, with the weights a = 1, b = 1.4f, c = 2.1969f
     (orthogonal, diagonal, knight move). Float32 rounding makes a value depend on how the sums were
     formed, so IPP's two raster passes over the padded image P (Hp x Wp) are reproduced exactly:

@@ -72,7 +72,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                                        too_large=True)
             if w == 0 or h == 0:
                 raise ImageDecodeError(f"image is zero-sized ({w}x{h})")
-            image = np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB"))
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:  # PIL's own pixel limit
@@ -82,6 +82,3 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
                                "... expected)") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {e})") from e
-    if image.ndim != 3 or min(image.shape[:2]) == 0:
-        raise ImageDecodeError(f"image is zero-sized ({image.shape[1]}x{image.shape[0]})")
-    return image

@@ -10,8 +10,7 @@ import optax
 from flax import nnx
 
 from skipclick_jax.clicks import train_next_points
-from skipclick_jax.defaults import CLICK_DISTANCES
-from skipclick_jax.defaults import MASK_THRESHOLD
+from skipclick_jax.defaults import CLICK_DISTANCES, MASK_THRESHOLD
 from skipclick_jax.model.skipclick import check_remat
 from skipclick_jax.train.loss import binary_iou, normalized_focal_loss
 from skipclick_jax.train.state import TrainState
